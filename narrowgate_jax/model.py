@@ -1,0 +1,188 @@
+"""`ng.load` and the loaded model: prepare a batch, run the forward with interventions and captures.
+
+The forward is one jitted function of (params, batch, interventions, capture plan); the config is
+static. A `Conditions` value adds a leading condition axis that is mapped over inside the same
+compiled call, so a sweep over many interventions costs one dispatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from narrowgate_jax import checkpoint
+from narrowgate_jax.capture import Capture, CapturePlan, Output
+from narrowgate_jax.distributed import param_shardings, replicated, shard_batch
+from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
+                                          as_interventions, knockout)
+from narrowgate_jax.models.config import DecoderConfig
+from narrowgate_jax.models.decoder import Decoder, param_shapes
+from narrowgate_jax.processing.batch import Batch, left_pad
+from narrowgate_jax.processing.roles import Role, Selector
+
+IMAGE_MARKER = "<image>"
+
+
+def _run(params, batch: Batch, interventions: Interventions, plan: CapturePlan, *,
+         config: DecoderConfig, dtype) -> Output:
+  out = Decoder(config, dtype).apply({"params": params}, batch.input_ids, batch.positions,
+                                     batch.attention_mask, interventions, plan)
+  return Output(resid_index=plan.resid_index, **out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def forward_fn(params, batch, interventions, plan, *, config, dtype) -> Output:
+  """The jitted forward: one example batch, one set of interventions."""
+  return _run(params, batch, interventions, plan, config=config, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def forward_conditions_fn(params, batch, conditions: Conditions, plan, *, config,
+                          dtype) -> Output:
+  """Every condition of `conditions` on the same batch; outputs gain a leading [C] axis."""
+  run = functools.partial(_run, params, batch, plan=plan, config=config, dtype=dtype)
+  return jax.vmap(run)(conditions.stacked)
+
+
+class VLM:
+  """A loaded model. Build it with `ng.load`."""
+
+  def __init__(self, config: DecoderConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
+               dtype=jnp.float32, name: str = ""):
+    self.config = config
+    self.params = params
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.dtype = jnp.dtype(dtype)
+    self.name = name
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_layers
+
+  def __repr__(self):
+    c = self.config
+    return (f"VLM({self.name or c.family}: {c.num_layers} layers, d={c.hidden_size}, "
+            f"{c.num_heads}/{c.num_kv_heads} heads, dtype={self.dtype.name})")
+
+  # ------------------------------------------------------------------------------- batches
+
+  def prepare(self, images: Optional[Sequence] = None, prompts: Optional[Sequence[str]] = None,
+              token_ids: Optional[Sequence[Sequence[int]]] = None, add_bos: bool = True) -> Batch:
+    """Prompts (or token ids) -> a left-padded `Batch` with roles.
+
+    This is a text-only language model: `images` and prompts with "<image>" are refused.
+    """
+    if images:
+      raise ValueError(f"{self.config.family} checkpoint has no image encoder; it takes text only")
+    if (prompts is None) == (token_ids is None):
+      raise ValueError("prepare needs exactly one of prompts= or token_ids=")
+    if prompts is not None:
+      token_ids = [self._tokenize(i, p, add_bos) for i, p in enumerate(prompts)]
+    bos = getattr(self.tokenizer, "bos_token_id", None)
+    roles = [[Role.BOS if (j == 0 and t == bos) else Role.TEXT for j, t in enumerate(ids)]
+             for ids in token_ids]
+    for i, ids in enumerate(token_ids):
+      if not len(ids):
+        raise ValueError(f"example {i} has no tokens")
+    pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+    return left_pad(token_ids, roles, pad_id=pad)
+
+  def _tokenize(self, index: int, prompt: str, add_bos: bool) -> list[int]:
+    if IMAGE_MARKER in prompt:
+      raise ValueError(f"prompt {index} contains {IMAGE_MARKER} but the {self.config.family} "
+                       "checkpoint has no image encoder")
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer files; pass token_ids= instead")
+    ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = getattr(self.tokenizer, "bos_token_id", None)
+    return ([bos] if add_bos and bos is not None else []) + list(ids)
+
+  # ------------------------------------------------------------------------------- forward
+
+  def knockout(self, batch: Batch, keys: Selector, queries: Selector = "all",
+               layers=None, mode: str = "pre_softmax") -> Knockout:
+    """`ng.knockout` with layers=None meaning every layer of this model."""
+    return knockout(batch, keys, queries, layers, mode, num_layers=self.num_layers)
+
+  def forward(self, batch: Batch, interventions: InterventionLike | Conditions = None,
+              capture: Optional[Capture] = None) -> Output:
+    """Logits and the captures asked for; with `Conditions`, every output has a leading [C]."""
+    plan = (capture or Capture()).plan(batch, self.num_layers)
+    batch = self._place(batch)
+    kwargs = dict(config=self.config, dtype=self.dtype)
+    if isinstance(interventions, Conditions):
+      interventions.stacked.check_against(self.num_layers, self.config.hidden_size)
+      return forward_conditions_fn(self.params, batch, self._replicate(interventions),
+                                   self._replicate(plan), **kwargs)
+    interventions = as_interventions(interventions)
+    interventions.check_against(self.num_layers, self.config.hidden_size)
+    return forward_fn(self.params, batch, self._replicate(interventions), self._replicate(plan),
+                      **kwargs)
+
+  def _place(self, batch: Batch) -> Batch:
+    batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch)
+    return batch if self.mesh is None else shard_batch(batch, self.mesh)
+
+  def _replicate(self, tree):
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, replicated(self.mesh))
+
+
+def _load_tokenizer(directory: str):
+  if not any(os.path.exists(os.path.join(directory, f))
+             for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    return None
+  import transformers
+
+  return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
+         allow_pickle: bool = False) -> VLM:
+  """A converted checkpoint dir, or a Hugging Face checkpoint dir converted in memory.
+
+  mesh: place parameters on this (data, model) mesh with `distributed.LOGICAL_RULES`; the first
+    device when None. dtype: compute dtype ("float32", "bfloat16"); the stored dtype when None.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory")
+  shardings = None
+  if checkpoint.is_converted(path):
+    config, meta = checkpoint.read_meta(path)
+    if mesh is not None:
+      shardings = param_shardings(param_shapes(config), mesh)
+    params = checkpoint.restore_params(path, shardings)
+    stored = meta.get("dtype", "float32")
+  elif os.path.exists(os.path.join(path, "config.json")):
+    from checkpoints_convert.convert import load_in_memory
+
+    stored = dtype or "float32"
+    config, params = load_in_memory(path, dtype=stored, allow_pickle=allow_pickle)
+    if mesh is not None:
+      shardings = param_shardings(param_shapes(config), mesh)
+      params = jax.tree.map(jax.device_put, params, shardings)
+    else:
+      params = jax.tree.map(jnp.asarray, params)
+  else:
+    raise FileNotFoundError(f"{path} is neither a converted checkpoint ({checkpoint.META_FILE}) "
+                            "nor a Hugging Face checkpoint dir (config.json)")
+  dtype = jnp.dtype(dtype or stored)
+  params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
+  return VLM(config, params, tokenizer=_load_tokenizer(path), mesh=mesh, dtype=dtype,
+             name=os.path.basename(os.path.normpath(path)))
+
+
+def random_params(config: DecoderConfig, seed: int = 0) -> dict:
+  """Freshly initialised parameters (for demos and tests that need no checkpoint)."""
+  model = Decoder(config)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return model.init(jax.random.key(seed), ids, ids, jnp.ones((1, 1), bool), Interventions(),
+                    CapturePlan())["params"]

@@ -1,0 +1,211 @@
+"""Per-family knowledge: how a transformers config maps to `DecoderConfig`, and which checkpoint
+tensor feeds which parameter (with the reshape that turns the torch layout into ours).
+
+Adding a family = one `Family` entry: where its language model sits in the checkpoint, and the
+few config fields that differ from Llama.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from narrowgate_jax.models.config import DecoderConfig
+
+# ----------------------------------------------------------------------- tensor layout changes
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Turns one checkpoint tensor (torch layout) into our parameter layout.
+
+  `to_ours(w)` converts the data; `torch_shape(ours)` is the shape the checkpoint must have for a
+  parameter of shape `ours`, so shapes are checked from the file header before any data is read.
+  """
+
+  name: str
+  to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+
+
+SAME = Layout("same", lambda w, ours: w.reshape(ours), lambda ours: ours)
+# nn.Linear weight [out, in] -> kernel [in, out]
+LINEAR = Layout("linear", lambda w, ours: w.T, lambda ours: ours[::-1])
+# q/k/v projections [heads * H, D] -> [D, heads, H]
+HEADS_OUT = Layout("heads_out", lambda w, ours: w.T.reshape(ours),
+                   lambda ours: (ours[1] * ours[2], ours[0]))
+# o projection [D, N * H] -> [N, H, D]
+HEADS_IN = Layout("heads_in", lambda w, ours: w.T.reshape(ours),
+                  lambda ours: (ours[2], ours[0] * ours[1]))
+# q/k/v biases [heads * H] -> [heads, H]
+HEAD_BIAS = Layout("head_bias", lambda w, ours: w.reshape(ours),
+                   lambda ours: (ours[0] * ours[1],))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+  """Parameter `path` (below the layer axis for per-layer ones) comes from checkpoint key `key`
+  (with `{i}` the layer index) through `layout`."""
+
+  path: str
+  key: str
+  layout: Layout
+  per_layer: bool
+
+
+def _layer_sources(config: DecoderConfig) -> list[tuple[str, str, Layout]]:
+  attn = [("attn/q/kernel", "self_attn.q_proj.weight", HEADS_OUT),
+          ("attn/k/kernel", "self_attn.k_proj.weight", HEADS_OUT),
+          ("attn/v/kernel", "self_attn.v_proj.weight", HEADS_OUT),
+          ("attn/o/kernel", "self_attn.o_proj.weight", HEADS_IN)]
+  if config.qkv_bias:
+    attn += [(f"attn/{p}/bias", f"self_attn.{p}_proj.bias", HEAD_BIAS) for p in "qkv"]
+  if config.out_bias:
+    attn += [("attn/o/bias", "self_attn.o_proj.bias", SAME)]
+  if config.qk_norm:
+    attn += [(f"attn/{p}_norm/{ours}", f"self_attn.{p}_norm.{theirs}", SAME)
+             for p in "qk" for ours, theirs in (("scale", "weight"), ("bias", "bias"))]
+  mlp = [(f"mlp/{p}/kernel", f"mlp.{p}_proj.weight", LINEAR) for p in ("gate", "up", "down")]
+  if config.mlp_bias:
+    mlp += [(f"mlp/{p}/bias", f"mlp.{p}_proj.bias", SAME) for p in ("gate", "up", "down")]
+  norms = [("input_norm/scale", "input_layernorm.weight", SAME),
+           ("post_attn_norm/scale", "post_attention_layernorm.weight", SAME)]
+  return attn + mlp + norms
+
+
+# ------------------------------------------------------------------------------------ families
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A checkpoint family: where its language model lives and how its config reads.
+
+  Attributes:
+    name: our name for the family.
+    lm_prefix: key prefix of the language model's tensors (embed_tokens, layers, norm).
+    text_config: the language-model part of the transformers config.
+    overrides: DecoderConfig fields that differ from the Llama reading of the text config.
+  """
+
+  name: str
+  lm_prefix: str
+  text_config: Callable[[Any], Any] = lambda cfg: cfg
+  overrides: Callable[[Any, Any], dict] = lambda top, text: {}
+  lm_head_key: str = "lm_head.weight"
+
+  def decoder_config(self, hf_config) -> DecoderConfig:
+    text = self.text_config(hf_config)
+    heads = text.num_attention_heads
+    fields = dict(
+        family=self.name,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        norm_eps=text.rms_norm_eps,
+        rope=_rope(text),
+        qkv_bias=bool(getattr(text, "attention_bias", False)),
+        out_bias=bool(getattr(text, "attention_bias", False)),
+        mlp_bias=bool(getattr(text, "mlp_bias", False)),
+        sliding_windows=_sliding_windows(text),
+        tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        hidden_act=text.hidden_act,
+    )
+    fields.update(self.overrides(hf_config, text))
+    return DecoderConfig(**fields)
+
+  def tensor_sources(self, config: DecoderConfig) -> list[TensorSource]:
+    p = self.lm_prefix
+    out = [TensorSource("embed/embedding", p + "embed_tokens.weight", SAME, False),
+           TensorSource("final_norm/scale", p + "norm.weight", SAME, False)]
+    out += [TensorSource("layers/" + ours, f"{p}layers.{{i}}.{theirs}", layout, True)
+            for ours, theirs, layout in _layer_sources(config)]
+    if not config.tie_embeddings:
+      out.append(TensorSource("lm_head/kernel", self.lm_head_key, LINEAR, False))
+    return out
+
+
+_ROPE_KEYS = ("rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings")
+
+
+def _rope(text) -> tuple:
+  params = dict(getattr(text, "rope_parameters", None) or {})
+  if not params:  # configs written before rope_parameters existed
+    params = dict(getattr(text, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(text, "rope_theta", 10000.0))
+  params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+  return tuple(sorted((k, params[k]) for k in _ROPE_KEYS if params.get(k) is not None))
+
+
+def _sliding_windows(text) -> tuple[int, ...]:
+  window = getattr(text, "sliding_window", None)
+  if not window:
+    return ()
+  layer_types = getattr(text, "layer_types", None)
+  if layer_types:
+    return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
+  return (window,) * text.num_hidden_layers
+
+
+def _chameleon_overrides(top, text) -> dict:
+  image_ids = sorted(v for k, v in (text.vocabulary_map or {}).items() if k.startswith("IMGIMG"))
+  return dict(qk_norm=True, block_order="swin_norm" if text.swin_norm else "pre_norm",
+              head_dim=text.hidden_size // text.num_attention_heads,
+              suppressed_logit_ids=tuple(image_ids))
+
+
+def _qwen2_overrides(top, text) -> dict:
+  return dict(qkv_bias=True, out_bias=False)
+
+
+def _tied_at_top(top, text) -> dict:
+  return dict(tie_embeddings=bool(getattr(top, "tie_word_embeddings", False)))
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", "model."),
+    "mistral": Family("mistral", "model."),
+    "qwen2": Family("qwen2", "model.", overrides=_qwen2_overrides),
+    "chameleon": Family("chameleon", "model.", overrides=_chameleon_overrides),
+    "emu3": Family("emu3", "model.text_model.", text_config=lambda cfg: cfg.text_config,
+                   overrides=_tied_at_top),
+    "emu3_text_model": Family("emu3", "model."),
+    "janus": Family("janus", "model.language_model.", text_config=lambda cfg: cfg.text_config,
+                    overrides=_tied_at_top),
+}
+
+
+def read_model_type(hf_dir: str) -> str:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
+  with open(path) as f:
+    model_type = json.load(f).get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(f"unknown model_type {model_type!r} in {path}; supported: "
+                     f"{', '.join(sorted(FAMILIES))}")
+  return model_type
+
+
+def family_of(hf_dir: str) -> tuple[Family, Any]:
+  """The family of an HF checkpoint dir and its parsed transformers config."""
+  import transformers  # configs only; no model code is imported
+
+  family = FAMILIES[read_model_type(hf_dir)]
+  return family, transformers.AutoConfig.from_pretrained(hf_dir)
+
+
+def iter_layer_keys(source: TensorSource, num_layers: int) -> Iterator[tuple[int | None, str]]:
+  if source.per_layer:
+    for i in range(num_layers):
+      yield i, source.key.format(i=i)
+  else:
+    yield None, source.key
