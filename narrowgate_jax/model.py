@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from narrowgate_jax import checkpoint
 from narrowgate_jax.capture import Capture, CapturePlan, Output
-from narrowgate_jax.distributed import param_shardings, replicated, shard_batch
+from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, replicated,
+                                        shard_batch)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
@@ -36,18 +37,37 @@ def _run(params, batch: Batch, interventions: Interventions, plan: CapturePlan, 
   return Output(resid_index=plan.resid_index, **out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def forward_fn(params, batch, interventions, plan, *, config, dtype) -> Output:
+# Axis of the batch in each Output field (before any leading condition axis).
+_OUTPUT_BATCH_AXIS = {"logits": 0, "resid_index": 0, "resid": 1, "attn": 1, "received": 1}
+
+
+def _constrain_output(out: Output, mesh: Optional[Mesh], leading: int) -> Output:
+  """On a mesh, keeps every output split over `data` along its batch axis."""
+  if mesh is None:
+    return out
+
+  def one(path, x):
+    axis = _OUTPUT_BATCH_AXIS[path[0].name] + leading
+    if x.shape[axis] % mesh.shape[DATA]:
+      return jax.lax.with_sharding_constraint(x, replicated(mesh))
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim, axis))
+
+  return jax.tree_util.tree_map_with_path(one, out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh"))
+def forward_fn(params, batch, interventions, plan, *, config, dtype, mesh=None) -> Output:
   """The jitted forward: one example batch, one set of interventions."""
-  return _run(params, batch, interventions, plan, config=config, dtype=dtype)
+  out = _run(params, batch, interventions, plan, config=config, dtype=dtype)
+  return _constrain_output(out, mesh, leading=0)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def forward_conditions_fn(params, batch, conditions: Conditions, plan, *, config,
-                          dtype) -> Output:
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "mesh"))
+def forward_conditions_fn(params, batch, conditions: Conditions, plan, *, config, dtype,
+                          mesh=None) -> Output:
   """Every condition of `conditions` on the same batch; outputs gain a leading [C] axis."""
   run = functools.partial(_run, params, batch, plan=plan, config=config, dtype=dtype)
-  return jax.vmap(run)(conditions.stacked)
+  return _constrain_output(jax.vmap(run)(conditions.stacked), mesh, leading=1)
 
 
 class VLM:
@@ -116,7 +136,7 @@ class VLM:
     """Logits and the captures asked for; with `Conditions`, every output has a leading [C]."""
     plan = (capture or Capture()).plan(batch, self.num_layers)
     batch = self._place(batch)
-    kwargs = dict(config=self.config, dtype=self.dtype)
+    kwargs = dict(config=self.config, dtype=self.dtype, mesh=self.mesh)
     if isinstance(interventions, Conditions):
       interventions.stacked.check_against(self.num_layers, self.config.hidden_size)
       return forward_conditions_fn(self.params, batch, self._replicate(interventions),
