@@ -141,6 +141,11 @@ def _layer_indices(layers: Iterable[int] | int | None, what: str) -> np.ndarray 
     raise ValueError(f"{what}: `layers` is empty")
   if (idx < 0).any():
     raise ValueError(f"{what} layer {int(idx[idx < 0][0])} is negative")
+  values, counts = np.unique(idx, return_counts=True)
+  if (counts > 1).any():
+    # One entry per layer: a patch holds one vector per layer, and a knockout's layer list is a set.
+    raise ValueError(f"{what} layer {int(values[counts > 1][0])} is listed more than once; give "
+                     "each layer once (add steering vectors of the same layer together first)")
   return idx
 
 
