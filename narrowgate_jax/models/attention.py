@@ -2,6 +2,10 @@
 
 Legend as in `layers.py`: B batch, T queries, S keys, N query heads, K key/value heads,
 G = N / K query heads per key/value head, H head width.
+
+Queries are laid out [B, K, G, T, H] against keys and values [B, K, S, H], so each score and
+value product is one batched matrix multiply with (B, K) as batch axes, and grouped-query
+attention needs no copy of the key/value heads.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 SCORE_MIN = jnp.finfo(jnp.float32).min  # what transformers' eager masks add to a blocked score
+QUERY_BLOCK = 256  # queries per block when probabilities are not needed (see `_causal_blocks`)
 
 
 def base_mask(attention_mask: jax.Array, window: jax.Array) -> jax.Array:
@@ -29,29 +34,63 @@ def base_mask(attention_mask: jax.Array, window: jax.Array) -> jax.Array:
   return visible | ((distance == 0) & ~attention_mask[:, :, None])
 
 
+def _scores(qg, k, visible, scale):
+  """qg [B, K, G, T, H], k [B, K, S, H], visible [B, T, S] -> masked scores [B, K, G, T, S] f32."""
+  scores = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+  return jnp.where(visible[:, None, None], scores, SCORE_MIN)
+
+
+def _weighted_values(weights, v):
+  """weights [B, K, G, T, S], v [B, K, S, H] -> [B, K, G, T, H]."""
+  return jnp.einsum("BKGTS,BKSH->BKGTH", weights.astype(v.dtype), v)
+
+
+def _causal_blocks(qg, k, v, visible, scale, block):
+  """Attention without forming normalised probabilities, in blocks of queries.
+
+  A block of queries ending at t only needs keys up to t (causality), so block i reads the first
+  (i + 1) * block keys: about half the work of the full square. Each row is normalised
+  after the value product, on [.., H] instead of [.., S]. Returns [B, K, G, T, H].
+  """
+  t, s = qg.shape[3], k.shape[2]
+  offset = s - t  # queries are the last t positions of the keys
+  out = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    keys = offset + stop
+    scores = _scores(qg[:, :, :, start:stop], k[:, :, :keys], visible[:, start:stop, :keys], scale)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out.append(_weighted_values(weights, v[:, :, :keys]) / total.astype(v.dtype))
+  return jnp.concatenate(out, axis=3)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
            scale: float, post_softmax_block: Optional[jax.Array] = None,
-           need_probabilities: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
-  """Attention of queries q [B, T, N, H] over keys k, values v [B, S, K, H].
+           need_probabilities: bool = False,
+           query_block: int = QUERY_BLOCK) -> tuple[jax.Array, Optional[jax.Array]]:
+  """Attention of queries q [B, T, N, H] over keys k, values v [B, S, K, H] (S >= T, the queries
+  being the last T positions).
 
   visible: [B, T, S] bool, False where the score is set to the dtype minimum before the softmax
     (causality, padding, pre-softmax knockouts).
   post_softmax_block: [B, T, S] bool, probabilities zeroed after the softmax (no renormalisation).
   Returns (out [B, T, N, H], probabilities [B, N, T, S] float32 or None).
 
-  The fused `jax.nn.dot_product_attention` runs when no probability is needed and no
-  post-softmax edit is asked for; otherwise the probabilities are formed explicitly.
+  Probabilities are formed only when asked for or edited; otherwise attention runs in causal
+  query blocks and never holds a [T, S] score matrix for the whole sequence.
   """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+  probs = None
   if post_softmax_block is None and not need_probabilities:
-    out = jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], scale=scale)
-    return out, None
-  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(visible[:, None, None], scores, SCORE_MIN)
-  probs = jax.nn.softmax(scores, axis=-1)
-  if post_softmax_block is not None:
-    probs = jnp.where(post_softmax_block[:, None, None], 0.0, probs)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v).reshape(b, t, n, h)
-  return out, probs.reshape(b, n, t, -1)
+    out = _causal_blocks(qg, k, v, visible, scale, query_block)
+  else:
+    probs = jax.nn.softmax(_scores(qg, k, visible, scale), axis=-1)
+    if post_softmax_block is not None:
+      probs = jnp.where(post_softmax_block[:, None, None], 0.0, probs)
+    out = _weighted_values(probs, v)
+    probs = probs.reshape(b, n, t, -1)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), probs
