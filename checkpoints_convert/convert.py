@@ -2,9 +2,9 @@
 
   python -m checkpoints_convert.convert --hf_dir=DIR --out_dir=DIR [--dtype=bfloat16] [--allow_pickle]
 
-The family is read from config.json. Conversion streams: one tensor is in memory at a time and is
-written straight into its layer's slice of the stacked array on disk, so a checkpoint larger than
-RAM converts. Every key and shape is checked from the file headers before anything is written.
+The family is read from config.json. Conversion streams: it reads a block of a tensor's rows
+(at most one 64 MiB chunk of our layout) and writes it straight into its place in the stacked array
+on disk, so memory holds one block at a time and a checkpoint larger than RAM converts. Every key and shape is checked from the file headers before anything is written.
 """
 
 from __future__ import annotations
@@ -62,15 +62,38 @@ def plan_tensors(reader: CheckpointReader, family: Family,
   return plan
 
 
+def chunk_plan(family: Family, config: DecoderConfig, dtype: np.dtype) -> dict[str, tuple]:
+  """Zarr chunks of every parameter, split along the axis the checkpoint's rows fill."""
+  shapes = _flat_shapes(config)
+  return {s.path: checkpoint.chunk_shape(shapes[s.path], dtype.itemsize,
+                                         split_axis=s.layout.row_axis + s.per_layer,
+                                         stacked=s.per_layer)
+          for s in family.tensor_sources(config)}
+
+
 def iter_converted(reader: CheckpointReader, family: Family, config: DecoderConfig,
                    dtype: np.dtype, progress: bool = False
-                   ) -> Iterator[tuple[str, Optional[int], np.ndarray]]:
-  """Yields (parameter path, layer or None, array in our layout and `dtype`), one at a time."""
+                   ) -> Iterator[tuple[str, Optional[int], tuple, np.ndarray]]:
+  """Yields (parameter path, layer or None, index within it, block in our layout and `dtype`).
+
+  A block is the rows of one checkpoint tensor that fill one chunk of our array (see
+  `chunk_plan`), so memory holds one block, not one tensor, at a time.
+  """
   plan = plan_tensors(reader, family, config)
+  chunks = chunk_plan(family, config, dtype)
   for source, layer, key, shape in tqdm(plan, desc="converting", unit="tensor",
                                         disable=not progress):
-    value = source.layout.to_ours(reader.read(key), shape)
-    yield source.path, layer, np.ascontiguousarray(value.astype(dtype, copy=False))
+    layout, axis = source.layout, source.layout.row_axis
+    unit = layout.rows_per_index(shape)
+    step = chunks[source.path][axis + source.per_layer]
+    for start in range(0, shape[axis], step):
+      stop = min(start + step, shape[axis])
+      block_shape = shape[:axis] + (stop - start,) + shape[axis + 1:]
+      index = (slice(None),) * axis + (slice(start, stop),)
+      # One expression: the raw rows and the layout view are freed before the block is yielded.
+      yield source.path, layer, index, np.ascontiguousarray(
+          layout.to_ours(reader.read_rows(key, start * unit, stop * unit), block_shape),
+          dtype=dtype)
 
 
 def unused_keys(reader: CheckpointReader, family: Family, config: DecoderConfig) -> list[str]:
@@ -98,9 +121,12 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: boo
   reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
   plan_tensors(reader, family, config)  # fail on a bad checkpoint before writing anything
   os.makedirs(out_dir, exist_ok=True)
-  writer = checkpoint.StreamingParamWriter(out_dir, _nested_shapes(config), DTYPES[dtype])
-  for path, layer, value in iter_converted(reader, family, config, DTYPES[dtype], progress):
-    writer.write(path, value, layer)
+  writer = checkpoint.StreamingParamWriter(out_dir, _nested_shapes(config), DTYPES[dtype],
+                                           chunk_plan(family, config, DTYPES[dtype]))
+  for path, layer, index, block in iter_converted(reader, family, config, DTYPES[dtype],
+                                                   progress):
+    writer.write(path, block, layer, index)
+    del block  # before the next block is read
   checkpoint.write_meta(out_dir, config, family=family.name, dtype=dtype,
                         source=os.path.abspath(hf_dir),
                         unconverted_tensors=_summarise(unused_keys(reader, family, config)))
@@ -118,11 +144,9 @@ def load_in_memory(hf_dir: str, dtype: str = "float32", allow_pickle: bool = Fal
   config = family.decoder_config(hf_config)
   reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
   flat = {p: np.empty(s, DTYPES[dtype]) for p, s in _flat_shapes(config).items()}
-  for path, layer, value in iter_converted(reader, family, config, DTYPES[dtype]):
-    if layer is None:
-      flat[path][...] = value
-    else:
-      flat[path][layer] = value
+  for path, layer, index, block in iter_converted(reader, family, config, DTYPES[dtype]):
+    target = flat[path] if layer is None else flat[path][layer]
+    target[index] = block
   return config, _nest(flat)
 
 

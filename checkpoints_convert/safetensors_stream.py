@@ -86,14 +86,19 @@ class CheckpointReader:
     return self._entries[key][3]
 
   def read(self, key: str) -> np.ndarray:
+    """The whole tensor."""
+    return self.read_rows(key, 0, self.shape(key)[0])
+
+  def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor (its first axis), reading only their bytes."""
     if key in self._pickled:
-      return self._pickled[key]
+      return self._pickled[key][start:stop]
     path, offset, dtype, shape = self._entries[key]
     if dtype not in _DTYPES:
       raise ValueError(f"tensor {key!r} in {path} has unsupported dtype {dtype}")
     np_dtype = np.dtype(_DTYPES[dtype])
-    count = int(np.prod(shape, dtype=np.int64))
+    row = int(np.prod(shape[1:], dtype=np.int64))
     with open(path, "rb") as f:
-      f.seek(offset)
-      data = np.fromfile(f, dtype=np_dtype, count=count)
-    return data.reshape(shape)
+      f.seek(offset + start * row * np_dtype.itemsize)
+      data = np.fromfile(f, dtype=np_dtype, count=(stop - start) * row)
+    return data.reshape((stop - start,) + tuple(shape[1:]))

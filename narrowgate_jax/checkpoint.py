@@ -7,7 +7,7 @@ config and the tokenizer files beside it.
 
 Parameters can be written without ever holding a stacked array in memory: `StreamingParamWriter`
 lets Orbax write the tree's metadata for a skeleton, then fills each array through tensorstore,
-one layer slice (or smaller chunk) at a time. Orbax restores the result like any checkpoint of its
+one block (at most one zarr chunk of one layer) at a time. Orbax restores the result like any checkpoint of its
 own, onto any sharding.
 """
 
@@ -70,15 +70,21 @@ def restore_params(directory: str, shardings: Optional[Mapping] = None) -> dict:
   return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> list[int]:
-  """One layer per chunk along a stacked axis, then halve the largest axis until small enough."""
+def chunk_shape(shape: tuple[int, ...], itemsize: int, split_axis: int,
+                stacked: bool) -> tuple[int, ...]:
+  """Zarr chunks of an array: one layer per chunk along a stacked axis, then `split_axis` halved
+  (then the largest axis) until a chunk holds at most CHUNK_BYTES.
+
+  Writers fill whole chunks by writing blocks along `split_axis`, so no chunk is read back and
+  rewritten; readers of a shard read only the chunks it overlaps.
+  """
   chunks = list(shape)
   if stacked and chunks:
     chunks[0] = 1
   while int(np.prod(chunks)) * itemsize > CHUNK_BYTES:
-    axis = int(np.argmax(chunks))
+    axis = split_axis if chunks[split_axis] > 1 else int(np.argmax(chunks))
     chunks[axis] = (chunks[axis] + 1) // 2
-  return chunks
+  return tuple(chunks)
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
@@ -86,34 +92,37 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 
 
 class StreamingParamWriter:
-  """Writes a parameter tree array by array, layer slice by layer slice.
+  """Writes a parameter tree block by block, never holding a whole array.
 
   shapes: nested dict of parameter path -> shape (the layout of `decoder.param_shapes`).
-  Every array is created up front; `write(path, value, layer)` stores one layer's slice (or the
-  whole array when layer is None).
+  chunks: flat dict of "a/b/c" path -> zarr chunk shape (see `chunk_shape`).
+  Every array is created up front; `write` stores one block.
   """
 
-  def __init__(self, directory: str, shapes: Mapping, dtype: np.dtype):
+  def __init__(self, directory: str, shapes: Mapping, dtype: np.dtype,
+               chunks: Mapping[str, tuple[int, ...]]):
     self.path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
     self.dtype = np.dtype(dtype)
-    flat = {"/".join(k.key for k in key): tuple(v) for key, v in
-            jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    skeleton = jax.tree.map(lambda _: np.zeros((1,), self.dtype), shapes,
-                            is_leaf=lambda x: isinstance(x, tuple))
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat = {"/".join(k.key for k in key): v
+            for key, v in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)[0]}
+    skeleton = jax.tree.map(lambda _: np.zeros((1,), self.dtype), shapes, is_leaf=is_shape)
     _checkpointer().save(self.path, args=ocp.args.PyTreeSave(skeleton), force=True)
-    self._arrays = {p: self._create(p, shape) for p, shape in flat.items()}
+    self._arrays = {p: self._create(p, shape, chunks[p]) for p, shape in flat.items()}
 
-  def _create(self, path: str, shape: tuple[int, ...]):
-    stacked = path.startswith("layers/")
+  def _create(self, path: str, shape: tuple[int, ...], chunks: tuple[int, ...]):
     spec = {
         "driver": "zarr",
         "kvstore": {"driver": "file", "path": os.path.join(self.path, path.replace("/", "."))},
         "metadata": {"shape": list(shape), "dtype": _zarr_dtype(self.dtype),
-                     "chunks": chunk_shape(shape, self.dtype.itemsize, stacked),
-                     "compressor": {"id": "zstd", "level": 1}},
+                     "chunks": list(chunks), "compressor": {"id": "zstd", "level": 1}},
     }
     return ts.open(spec, create=True, delete_existing=True).result()
 
-  def write(self, path: str, value: np.ndarray, layer: Optional[int] = None) -> None:
+  def write(self, path: str, value: np.ndarray, layer: Optional[int] = None,
+            index: tuple = ()) -> None:
+    """Stores `value` at [layer][index] of parameter `path` (layer None: not stacked)."""
     target = self._arrays[path] if layer is None else self._arrays[path][layer]
-    target.write(np.asarray(value, dtype=self.dtype)).result()
+    value = np.asarray(value, dtype=self.dtype)
+    # The write completes before this returns, so tensorstore may read `value` in place.
+    target[index].write(value, can_reference_source_data_indefinitely=True).result()

@@ -21,29 +21,37 @@ from narrowgate_jax.models.config import DecoderConfig
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Turns one checkpoint tensor (torch layout) into our parameter layout.
+  """How the rows of a checkpoint tensor (torch layout; rows = its first axis) land in our
+  parameter, so a tensor can be converted a block of rows at a time.
 
-  `to_ours(w)` converts the data; `torch_shape(ours)` is the shape the checkpoint must have for a
-  parameter of shape `ours`, so shapes are checked from the file header before any data is read.
+  Rows [r0, r1) fill indices [r0 / unit, r1 / unit) of our axis `row_axis`, where `unit` is the
+  number of rows one index of that axis takes (head_dim for q/k/v weights, whose rows are
+  (head, h) pairs; 1 otherwise).
+
+  Attributes:
+    torch_shape: our shape -> the shape the checkpoint must have (checked from file headers).
+    to_ours: (a block of rows, the shape of our block) -> our block.
   """
 
   name: str
-  to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  row_axis: int
   torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+  to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  rows_per_index: Callable[[tuple[int, ...]], int] = lambda ours: 1
 
 
-SAME = Layout("same", lambda w, ours: w.reshape(ours), lambda ours: ours)
+SAME = Layout("same", 0, lambda ours: ours, lambda w, ours: w.reshape(ours))
 # nn.Linear weight [out, in] -> kernel [in, out]
-LINEAR = Layout("linear", lambda w, ours: w.T, lambda ours: ours[::-1])
+LINEAR = Layout("linear", 1, lambda ours: ours[::-1], lambda w, ours: w.T)
 # q/k/v projections [heads * H, D] -> [D, heads, H]
-HEADS_OUT = Layout("heads_out", lambda w, ours: w.T.reshape(ours),
-                   lambda ours: (ours[1] * ours[2], ours[0]))
+HEADS_OUT = Layout("heads_out", 1, lambda ours: (ours[1] * ours[2], ours[0]),
+                   lambda w, ours: w.T.reshape(ours), rows_per_index=lambda ours: ours[2])
 # o projection [D, N * H] -> [N, H, D]
-HEADS_IN = Layout("heads_in", lambda w, ours: w.T.reshape(ours),
-                  lambda ours: (ours[2], ours[0] * ours[1]))
+HEADS_IN = Layout("heads_in", 2, lambda ours: (ours[2], ours[0] * ours[1]),
+                  lambda w, ours: w.T.reshape(ours))
 # q/k/v biases [heads * H] -> [heads, H]
-HEAD_BIAS = Layout("head_bias", lambda w, ours: w.reshape(ours),
-                   lambda ours: (ours[0] * ours[1],))
+HEAD_BIAS = Layout("head_bias", 0, lambda ours: (ours[0] * ours[1],),
+                   lambda w, ours: w.reshape(ours), rows_per_index=lambda ours: ours[1])
 
 
 @dataclasses.dataclass(frozen=True)
