@@ -64,7 +64,25 @@ def tiny_emu3_text(**kw):
 _MODEL_CLASSES = {
     transformers.ChameleonConfig: transformers.ChameleonForConditionalGeneration,
     transformers.Emu3TextConfig: transformers.Emu3ForCausalLM,
+    transformers.JanusConfig: transformers.JanusForConditionalGeneration,
 }
+
+
+def tiny_janus(**kw):
+  """Janus with a tiny Llama LM; the vision and VQ parts are minimal (the LM is what is tested)."""
+  vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                image_size=32, patch_size=8, projection_dim=64)
+  vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1],
+            latent_channels=8, resolution=32, num_res_blocks=1, attn_resolutions=[],
+            projection_dim=64, image_token_embed_dim=64, num_patches=4)
+  return transformers.JanusConfig(text_config=transformers.LlamaConfig(**{**COMMON, **kw}),
+                                  vision_config=vision, vq_config=vq)
+
+
+def decoder_layers(model):
+  """The transformers model's list of decoder layers, wherever its family keeps the LM."""
+  inner = model.model
+  return getattr(inner, "language_model", inner).layers
 
 
 def build(config, directory, seed: int = 0):

@@ -22,15 +22,17 @@ FAMILIES = {
     "chameleon_7b_blocks": R.tiny_chameleon,
     "chameleon_34b_swin_norm": lambda: R.tiny_chameleon(swin_norm=True),
     "emu3_text": R.tiny_emu3_text,
+    "janus_lm": R.tiny_janus,
 }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def pair(request, tmp_path_factory):
   """(our model, transformers model, batch, transformers outputs, last layer's raw output)."""
-  config = FAMILIES[request.param]()
+  hf_config = FAMILIES[request.param]()
+  config = getattr(hf_config, "text_config", None) or hf_config  # the language model's part
   tmp = tmp_path_factory.mktemp(request.param)
-  torch_model = R.build(config, tmp / "hf")
+  torch_model = R.build(hf_config, tmp / "hf")
   vlm = R.convert_and_load(tmp / "hf", tmp / "ng")
   assert config.num_attention_heads // config.num_key_value_heads >= 2  # GQA is exercised
   batch = vlm.prepare(token_ids=R.two_prompts(config.vocab_size, lengths=(12, 7)))
@@ -40,7 +42,7 @@ def pair(request, tmp_path_factory):
   def keep_output(module, args, out):  # returns None: the output is left as it is
     last_layer_out["x"] = out[0] if isinstance(out, tuple) else out
 
-  hook = torch_model.model.layers[-1].register_forward_hook(keep_output)
+  hook = R.decoder_layers(torch_model)[-1].register_forward_hook(keep_output)
   with torch.no_grad():
     ref = torch_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                       output_hidden_states=True, output_attentions=True)
