@@ -38,14 +38,64 @@ def tiny_qwen2(**kw):
   return transformers.Qwen2Config(**{**COMMON, "tie_word_embeddings": True, **kw})
 
 
+WORDS = tuple(("what is in the picture answer a an cat dog red blue green shape colour this animal "
+         "provide one sentence caption for provided image question using single word or phrase "
+         ": . ? 0 1 2 3 4 5 6 7 8 9 *").split())
+CHAMELEON_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<racm3:break>", "<eoss>",
+                      "<reserved08706>")
+EMU3_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image start|>", "<|image end|>",
+                 "<|image token|>", "<|extra_200|>", "<|extra_201|>")
+
+
 def _vocabulary_map(vocab_size: int, image_tokens: int = 8) -> dict:
-  """A Chameleon vocabulary map: a few text tokens, then IMGIMG* names for the image codes."""
+  """A Chameleon vocabulary: special tokens, words, then IMGIMG* names for the image codes (the
+  code's decimal digits spelled with letters A-J, as Chameleon names them) at the end."""
   letters = "ABCDEFGHIJ"
-  vmap = {"<s>": 1, "</s>": 2, "<pad>": 0, "<image>": 3}
+  vmap = {t: i for i, t in enumerate(CHAMELEON_SPECIALS + WORDS)}
+  assert len(vmap) <= vocab_size - image_tokens
   for code in range(image_tokens):
     name = "IMGIMG" + "".join(letters[int(d)] for d in str(code)) + "Z"
     vmap[name] = vocab_size - image_tokens + code
   return vmap
+
+
+def emu3_vocabulary_map(vocab_size: int, image_tokens: int) -> dict:
+  """An Emu3 vocabulary: special tokens, words, then `<|visual token NNNNNN|>` for every code."""
+  vmap = {t: i for i, t in enumerate(EMU3_SPECIALS + WORDS)}
+  assert len(vmap) <= vocab_size - image_tokens
+  for code in range(image_tokens):
+    vmap[f"<|visual token {code:06d}|>"] = vocab_size - image_tokens + code
+  return vmap
+
+
+def word_tokenizer(vocabulary_map: dict, specials, add_bos: bool = False, **special_tokens):
+  """A transformers fast tokenizer over `vocabulary_map`: whitespace words, single digits, and
+  every name in `specials` (and the image-code names) as special tokens; `add_bos` prepends <s>
+  when special tokens are added (as Chameleon's tokenizer does; Emu3's GPT-style one does not)."""
+  import tokenizers
+
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(dict(vocabulary_map), unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+      tokenizers.pre_tokenizers.Whitespace(),
+      tokenizers.pre_tokenizers.Digits(individual_digits=True)])
+  tok.add_special_tokens([t for t in vocabulary_map if t in specials or t.startswith(("IMGIMG", "<|"))])
+  if add_bos:
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocabulary_map["<s>"])])
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+      unk_token="<unk>", **special_tokens)
+
+
+def chameleon_tokenizer(config):
+  return word_tokenizer(config.vocabulary_map, CHAMELEON_SPECIALS, add_bos=True,
+                        sep_token="<reserved08706>")
+
+
+def emu3_tokenizer(config):
+  extra = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+           "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"}
+  return word_tokenizer(config.vocabulary_map, EMU3_SPECIALS, extra_special_tokens=extra)
 
 
 def tiny_chameleon(swin_norm: bool = False, **kw):
