@@ -1,0 +1,427 @@
+"""Chameleon's VQ-GAN image tokenizer (encoder + quantiser): pixels -> codebook indices -> BPE ids.
+
+Reproduces transformers' `ChameleonVQVAE.encode` and `ChameleonModel.get_image_tokens`. Only the
+encode path is here: the decoder and `post_quant_conv` turn codes back into pixels, which only
+image generation needs, so their checkpoint tensors are left unconverted.
+
+Input layout: `encode` / `encode_codes` take pixel_values [B, 3, H, W] float32, exactly what
+transformers' ChameleonImageProcessor yields and `ChameleonVQVAE.encode` takes; they are
+transposed once to NHWC, the layout every module below works in (flax convolutions are NHWC).
+
+Everything runs in float32 at `Precision.HIGHEST`: codes are an argmin, so a reduced-precision
+matmul (bf16 passes on TPU, TF32 on GPU) could flip a code against the float32 reference, and the
+encoder runs once per image, so the cost does not matter.
+
+Parameter tree (shapes; flax conv kernels are [kh, kw, in, out], each with a bias [out];
+C_l = base_channels * channel_multiplier[l], C_in the channels entering a block):
+  encoder/conv_in/{kernel,bias}                         [3, 3, in_channels, C_0]
+  encoder/down_{l}/block_{i}/norm{1,2}/{scale,bias}     [C_in], [C_l]
+  encoder/down_{l}/block_{i}/conv1/{kernel,bias}        [3, 3, C_in, C_l]
+  encoder/down_{l}/block_{i}/conv2/{kernel,bias}        [3, 3, C_l, C_l]
+  encoder/down_{l}/block_{i}/nin_shortcut/{kernel,bias} [1, 1, C_in, C_l]   only when C_in != C_l
+  encoder/down_{l}/attn_{i}/norm/{scale,bias}           [C_l]               only on levels whose
+  encoder/down_{l}/attn_{i}/{q,k,v,proj_out}/...        [1, 1, C_l, C_l]    resolution is listed
+  encoder/down_{l}/downsample/{kernel,bias}             [3, 3, C_l, C_l]    all but the last level
+  encoder/mid/block_{1,2}/...                           a block with C_in = C_l = C_last
+  encoder/mid/attn_1/...                                an attn block (attn_type "vanilla")
+  encoder/norm_out/{scale,bias}                         [C_last]
+  encoder/conv_out/{kernel,bias}                        [3, 3, C_last, latent_channels (x2 if double_latent)]
+  quant_conv/{kernel,bias}                              [1, 1, latent_channels, embed_dim]
+  quantize/embedding                                    [num_embeddings, embed_dim]
+
+Axis legend of the einsum strings:
+  B batch · Y, X grid rows, columns · C channels · T query pixels · S key pixels (T = S = Y·X)
+  M flattened latent positions (B·Y·X, row-major) · E code width (embed_dim) · N codebook entries
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from narrowgate_jax.models.families import SAME, Layout
+
+GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, eps=1e-6) everywhere in the encoder
+GROUP_NORM_EPS = 1e-6
+PRECISION = jax.lax.Precision.HIGHEST
+HF_PREFIX = "model.vqmodel."  # where ChameleonForConditionalGeneration keeps the VQ-VAE
+
+# ---------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class ChameleonVQConfig:
+  """The encoder's hyper-parameters (transformers' ChameleonVQVAEConfig, encode-path fields).
+
+  Hashable, so it can be a static jit argument. `resolution` is not the input size: it is the
+  nominal size from which transformers decides which levels get attention blocks (a level at
+  resolution r has them when r is in `attn_resolutions`), and we follow it the same way.
+  """
+
+  embed_dim: int = 256
+  num_embeddings: int = 8192
+  latent_channels: int = 256
+  double_latent: bool = False
+  resolution: int = 512
+  in_channels: int = 3
+  base_channels: int = 128
+  channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = ()
+  attn_type: str | None = "vanilla"
+
+  def __post_init__(self):
+    for c in self.level_channels:
+      if c % GROUPS:
+        raise ValueError(f"channel count {c} (base_channels={self.base_channels} x "
+                         f"channel_multiplier={self.channel_multiplier}) is not a multiple of "
+                         f"{GROUPS}, as GroupNorm({GROUPS}) needs")
+
+  @classmethod
+  def from_hf(cls, vq_config: Any) -> ChameleonVQConfig:
+    """From a transformers ChameleonVQVAEConfig (or its dict form, as in config.json)."""
+    get = (vq_config.get if isinstance(vq_config, Mapping)
+           else lambda name, default=None: getattr(vq_config, name, default))
+    fields = {f.name: get(f.name, f.default) for f in dataclasses.fields(cls)}
+    fields["channel_multiplier"] = tuple(int(m) for m in fields["channel_multiplier"])
+    fields["attn_resolutions"] = tuple(int(r) for r in (fields["attn_resolutions"] or ()))
+    return cls(**fields)
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.channel_multiplier)
+
+  @property
+  def level_channels(self) -> tuple[int, ...]:
+    """C_l: the output channels of each level's blocks."""
+    return tuple(self.base_channels * m for m in self.channel_multiplier)
+
+  def level_has_attention(self, level: int) -> bool:
+    """Whether level `level`'s blocks are each followed by an attention block (transformers'
+    rule: the nominal resolution, halved once per earlier level, is in attn_resolutions)."""
+    return (self.attn_type == "vanilla"
+            and self.resolution // 2**level in self.attn_resolutions)
+
+
+# --------------------------------------------------------------------------------- modules
+
+
+def _conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = None) -> nn.Conv:
+  """torch's Conv2d(k, stride, padding=k // 2) unless `padding` is given, in NHWC."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 precision=PRECISION, param_dtype=jnp.float32, name=name)
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm(32, C, eps=1e-6, affine=True) on x [B, Y, X, C] -> [B, Y, X, C].
+
+  Channel c belongs to group c // (C / 32) (contiguous groups, as torch). Biased variance over
+  (Y, X, channels of the group), taken as the mean of squared deviations (two passes; torch's
+  kernel is also numerically a two-pass/Welford one, unlike flax's fast E[x²] - E[x]² default).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    b, y, w, c = x.shape
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    grouped = x.reshape(b, y, w, GROUPS, c // GROUPS)
+    mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(x.shape)
+    return normed * scale + bias
+
+
+class ResnetBlock(nn.Module):
+  """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x [B, Y, X, C_in] -> [B, Y, X, C_out].
+
+  The skip is a 1x1 conv ("nin_shortcut") when C_in != C_out: the encoder never builds
+  transformers' 3x3 `conv_shortcut` variant. Dropout is omitted (the model is frozen, eval only).
+  """
+
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.silu(GroupNorm(name="norm1")(x))
+    h = _conv(self.out_channels, 3, "conv1")(h)
+    h = nn.silu(GroupNorm(name="norm2")(h))
+    h = _conv(self.out_channels, 3, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all pixels, x [B, Y, X, C] -> [B, Y, X, C].
+
+  q, k, v and proj_out are 1x1 convs (kept as convs so their checkpoint layout is the conv one).
+  Scores are scaled after the product, as transformers does, to keep round-off alike.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    b, y, w, c = x.shape
+    h = GroupNorm(name="norm")(x)
+    q, k, v = (_conv(c, 1, name)(h).reshape(b, y * w, c) for name in ("q", "k", "v"))
+    scores = jnp.einsum("BTC,BSC->BTS", q, k, precision=PRECISION) * (int(c) ** -0.5)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("BTS,BSC->BTC", probs, v, precision=PRECISION).reshape(b, y, w, c)
+    return x + _conv(c, 1, "proj_out")(out)
+
+
+class DownLevel(nn.Module):
+  """One resolution level: num_res_blocks blocks (each followed by attention on the levels that
+  have it), then a stride-2 downsample except on the last level. [B, Y, X, C] -> [B, Y', X', C_l].
+  """
+
+  config: ChameleonVQConfig
+  level: int
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    channels = c.level_channels[self.level]
+    for i in range(c.num_res_blocks):
+      x = ResnetBlock(channels, name=f"block_{i}")(x)
+      if c.level_has_attention(self.level):
+        x = AttnBlock(name=f"attn_{i}")(x)
+    if self.level != c.num_levels - 1:
+      # torch pads right and bottom by one, then a VALID 3x3 stride-2 conv: Y' = Y // 2. A
+      # symmetric ((1, 1), (1, 1)) padding would shift every output pixel by one input pixel.
+      x = _conv(channels, 3, "downsample", stride=2, padding=((0, 1), (0, 1)))(x)
+    return x
+
+
+class Middle(nn.Module):
+  """block_1, attn_1 (when attn_type is "vanilla", else identity), block_2; channels unchanged."""
+
+  config: ChameleonVQConfig
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    x = ResnetBlock(channels, name="block_1")(x)
+    if self.config.attn_type == "vanilla":
+      x = AttnBlock(name="attn_1")(x)
+    return ResnetBlock(channels, name="block_2")(x)
+
+
+class Encoder(nn.Module):
+  """pixels [B, H, W, in_channels] -> encoder output [B, H/2^(levels-1), W/2^(levels-1), latent]."""
+
+  config: ChameleonVQConfig
+
+  @nn.compact
+  def __call__(self, pixels):
+    c = self.config
+    x = _conv(c.base_channels, 3, "conv_in")(pixels)
+    for level in range(c.num_levels):
+      x = DownLevel(c, level, name=f"down_{level}")(x)
+    x = Middle(c, name="mid")(x)
+    x = nn.silu(GroupNorm(name="norm_out")(x))
+    out_channels = 2 * c.latent_channels if c.double_latent else c.latent_channels
+    return _conv(out_channels, 3, "conv_out")(x)
+
+
+def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
+  """latents [M, E], codebook [N, E] -> int32 [M]: the nearest entry by squared distance.
+
+  Same formula and operation order as transformers (|z|² + |e|² - 2 z·e, argmin keeping the first
+  of equal minima), not |z - e|², so near-ties resolve the same way up to matmul round-off.
+  """
+  distances = (jnp.sum(latents**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)
+               - 2 * jnp.einsum("ME,NE->MN", latents, codebook, precision=PRECISION))
+  return jnp.argmin(distances, axis=1).astype(jnp.int32)
+
+
+class _Codebook(nn.Module):
+  """The quantiser's codebook, [num_embeddings, embed_dim] (transformers' quantize.embedding)."""
+
+  config: ChameleonVQConfig
+
+  @nn.compact
+  def __call__(self):
+    c = self.config
+    return self.param("embedding", nn.initializers.normal(1.0), (c.num_embeddings, c.embed_dim),
+                      jnp.float32)
+
+
+class ChameleonVQTokenizer(nn.Module):
+  """pixels [B, H, W, in_channels] (NHWC) -> dict of named intermediates:
+
+    hidden   [B, h, w, latent_channels]  the encoder's output (transformers' `last_hidden_state`)
+    latents  [B, h, w, embed_dim]        after quant_conv: what is quantised
+    codes    [B, h*w] int32              codebook indices, row-major over (h, w)
+  """
+
+  config: ChameleonVQConfig
+
+  @nn.compact
+  def __call__(self, pixels):
+    c = self.config
+    hidden = Encoder(c, name="encoder")(pixels)
+    latents = _conv(c.embed_dim, 1, "quant_conv")(hidden)
+    codebook = _Codebook(c, name="quantize")()
+    b, h, w, e = latents.shape
+    codes = nearest_codes(latents.reshape(b * h * w, e), codebook).reshape(b, h * w)
+    return {"hidden": hidden, "latents": latents, "codes": codes}
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def encode(params: dict, config: ChameleonVQConfig, pixel_values: jax.Array) -> dict:
+  """pixel_values [B, in_channels, H, W] (NCHW, as transformers) -> the dict of
+  `ChameleonVQTokenizer` (hidden and latents NHWC, codes [B, h*w] int32)."""
+  pixels = jnp.transpose(jnp.asarray(pixel_values, jnp.float32), (0, 2, 3, 1))
+  return ChameleonVQTokenizer(config).apply({"params": params}, pixels)
+
+
+def encode_codes(params: dict, config: ChameleonVQConfig, pixel_values: jax.Array) -> jax.Array:
+  """pixel_values [B, in_channels, H, W] -> codes [B, h*w] int32 (transformers' image_tokens,
+  reshaped per image)."""
+  return encode(params, config, pixel_values)["codes"]
+
+
+def vq_param_shapes(config: ChameleonVQConfig) -> dict:
+  """The parameter tree of `config` as jax.ShapeDtypeStruct leaves, without allocating it."""
+  pixels = jnp.zeros((1, config.resolution, config.resolution, config.in_channels), jnp.float32)
+  init = lambda: ChameleonVQTokenizer(config).init(jax.random.key(0), pixels)
+  return jax.eval_shape(init)["params"]
+
+
+# --------------------------------------------------------------------------- checkpoint map
+
+# torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]; checkpoint rows (out
+# channels) fill our last axis.
+CONV = Layout("conv", 3, lambda ours: (ours[3], ours[2], ours[0], ours[1]),
+              lambda w, ours: w.transpose(2, 3, 1, 0))
+
+
+def _conv_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
+  return [(f"{ours}/kernel", f"{theirs}.weight", CONV), (f"{ours}/bias", f"{theirs}.bias", SAME)]
+
+
+def _norm_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
+  return [(f"{ours}/scale", f"{theirs}.weight", SAME), (f"{ours}/bias", f"{theirs}.bias", SAME)]
+
+
+def _block_sources(ours: str, theirs: str, has_shortcut: bool) -> list[tuple[str, str, Layout]]:
+  out = (_norm_sources(f"{ours}/norm1", f"{theirs}.norm1")
+         + _conv_sources(f"{ours}/conv1", f"{theirs}.conv1")
+         + _norm_sources(f"{ours}/norm2", f"{theirs}.norm2")
+         + _conv_sources(f"{ours}/conv2", f"{theirs}.conv2"))
+  if has_shortcut:
+    out += _conv_sources(f"{ours}/nin_shortcut", f"{theirs}.nin_shortcut")
+  return out
+
+
+def _attn_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
+  out = _norm_sources(f"{ours}/norm", f"{theirs}.norm")
+  for name in ("q", "k", "v", "proj_out"):
+    out += _conv_sources(f"{ours}/{name}", f"{theirs}.{name}")
+  return out
+
+
+def vq_tensor_sources(config: ChameleonVQConfig,
+                      prefix: str = HF_PREFIX) -> list[tuple[str, str, Layout]]:
+  """(our "/"-joined parameter path, checkpoint key, layout) for every encode-path parameter.
+
+  `prefix` is where the VQ-VAE sits in the checkpoint ("model.vqmodel." in
+  ChameleonForConditionalGeneration; "" for a bare ChameleonVQVAE state dict). Each entry can
+  be converted on its own (`layout.to_ours(tensor, our_shape)`), so a streaming converter can use
+  the table one tensor at a time.
+  """
+  enc = prefix + "encoder"
+  out = _conv_sources("encoder/conv_in", f"{enc}.conv_in")
+  channels_in = config.base_channels
+  for level, channels in enumerate(config.level_channels):
+    for i in range(config.num_res_blocks):
+      out += _block_sources(f"encoder/down_{level}/block_{i}", f"{enc}.down.{level}.block.{i}",
+                            has_shortcut=channels_in != channels)
+      channels_in = channels
+      if config.level_has_attention(level):
+        out += _attn_sources(f"encoder/down_{level}/attn_{i}", f"{enc}.down.{level}.attn.{i}")
+    if level != config.num_levels - 1:
+      out += _conv_sources(f"encoder/down_{level}/downsample", f"{enc}.down.{level}.downsample.conv")
+  out += _block_sources("encoder/mid/block_1", f"{enc}.mid.block_1", has_shortcut=False)
+  if config.attn_type == "vanilla":
+    out += _attn_sources("encoder/mid/attn_1", f"{enc}.mid.attn_1")
+  out += _block_sources("encoder/mid/block_2", f"{enc}.mid.block_2", has_shortcut=False)
+  out += _norm_sources("encoder/norm_out", f"{enc}.norm_out")
+  out += _conv_sources("encoder/conv_out", f"{enc}.conv_out")
+  out += _conv_sources("quant_conv", prefix + "quant_conv")
+  out.append(("quantize/embedding", prefix + "quantize.embedding.weight", SAME))
+  return out
+
+
+def params_from_state(config: ChameleonVQConfig, state: Mapping[str, Any],
+                      prefix: str = HF_PREFIX) -> dict:
+  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
+  float32 numpy arrays. Keys outside the encode path (decoder, post_quant_conv, the LM) are ignored.
+
+  Raises KeyError naming a missing tensor, ValueError naming one whose shape differs from what
+  `config` implies.
+  """
+  shapes = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(vq_param_shapes(config))[0]}
+  flat = {}
+  for ours, key, layout in vq_tensor_sources(config, prefix):
+    if key not in state:
+      raise KeyError(f"state lacks tensor {key!r} (needed for parameter {ours})")
+    tensor = np.asarray(state[key], dtype=np.float32)
+    expected = tuple(layout.torch_shape(shapes[ours]))
+    if tensor.shape != expected:
+      raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
+                       f"{expected}")
+    flat[ours] = np.ascontiguousarray(layout.to_ours(tensor, shapes[ours]))
+  if set(flat) != set(shapes):  # the table and the module must describe the same tree
+    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+# ------------------------------------------------------------------------------ BPE mapping
+
+
+def img2bpe_table(vocabulary_map: Mapping[str, int]) -> np.ndarray:
+  """int32 [max code + 1] with table[code] = the BPE id of image code `code`.
+
+  transformers' ChameleonImageVocabularyMapping, literally: a token named "IMGIMG<letters><any>"
+  carries the code whose decimal digits are the letters A..J (0..9), the last character dropped;
+  where several ids share a name (or several names a code) the later dict entry wins as there;
+  codes no token names map to 0.
+  """
+  val2name = {v: k for k, v in vocabulary_map.items()}
+  image_tokens = sorted(v for k, v in vocabulary_map.items() if k.startswith("IMGIMG"))
+  digit = {chr(ord("A") + i): str(i) for i in range(10)}
+  bpe2img = {tok: int("".join(digit.get(ch, ch) for ch in val2name[tok][len("IMGIMG"):-1]))
+             for tok in image_tokens}
+  img2bpe = {code: tok for tok, code in bpe2img.items()}
+  table = np.zeros(max(img2bpe) + 1, np.int32)
+  for code, tok in img2bpe.items():
+    table[code] = tok
+  return table
+
+
+def codes_to_token_ids(vocabulary_map: Mapping[str, int] | np.ndarray,
+                       codes: Sequence | np.ndarray | jax.Array) -> np.ndarray:
+  """codes [...] int -> BPE ids [...] int32 (transformers' `convert_img2bpe`).
+
+  `vocabulary_map` is the config's map, or the table `img2bpe_table` built from it: pass the
+  table when converting many batches, so it is built once.
+  """
+  table = (vocabulary_map if isinstance(vocabulary_map, np.ndarray)
+           else img2bpe_table(vocabulary_map))
+  return table[np.asarray(codes)]
