@@ -4,11 +4,14 @@
 
 The family is read from config.json. Conversion streams: it reads a block of a tensor's rows
 (at most one 64 MiB chunk of our layout) and writes it straight into its place in the stacked array
-on disk, so memory holds one block at a time and a checkpoint larger than RAM converts. Every key and shape is checked from the file headers before anything is written.
+on disk, so memory holds one block at a time and a checkpoint larger than RAM converts. Every key
+and shape is checked from the file headers before anything is written. Native VLMs (Chameleon,
+Emu3) also get their VQ image tokenizer's encoder, in float32, under image_params/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Iterator, Optional
@@ -23,6 +26,7 @@ from narrowgate_jax import checkpoint
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.decoder import param_shapes
 from narrowgate_jax.models.families import Family, TensorSource, family_of, iter_layer_keys
+from narrowgate_jax.models.native import IMAGE_PARAMS_DIR, IMAGE_SIDES
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -31,24 +35,79 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.json", "chat_template.jinja")
 
 
-def _flat_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
+@dataclasses.dataclass(frozen=True)
+class ParamTree:
+  """One parameter tree to read from a checkpoint and where it goes.
+
+  Attributes:
+    subdir: its directory in the converted checkpoint ("params", "image_params").
+    sources: every checkpoint tensor it reads.
+    shapes: "a/b/c" parameter path -> full shape (stacked layers first).
+    num_layers: the depth of per-layer sources.
+    dtype: the stored dtype.
+  """
+
+  subdir: str
+  sources: tuple[TensorSource, ...]
+  shapes: dict
+  num_layers: int
+  dtype: np.dtype
+
+  def chunks(self) -> dict[str, tuple]:
+    """Zarr chunks of every parameter, split along the axis the checkpoint's rows fill."""
+    return {s.path: checkpoint.chunk_shape(self.shapes[s.path], self.dtype.itemsize,
+                                           split_axis=s.layout.row_axis + s.per_layer,
+                                           stacked=s.per_layer) for s in self.sources}
+
+  def keys(self) -> set[str]:
+    return {key for s in self.sources for _, key in iter_layer_keys(s, self.num_layers)}
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def plan_tensors(reader: CheckpointReader, family: Family,
-                 config: DecoderConfig) -> list[tuple[TensorSource, Optional[int], str, tuple]]:
+def lm_tree(family: Family, config: DecoderConfig, dtype: np.dtype,
+            keys: Optional[set] = None) -> ParamTree:
+  return ParamTree(checkpoint.PARAMS_DIR, tuple(family.tensor_sources(config, keys)),
+                   _flat_shapes(param_shapes(config)), config.num_layers, dtype)
+
+
+def image_tree(side) -> ParamTree:
+  return ParamTree(IMAGE_PARAMS_DIR, side.sources, side.shapes, 0, DTYPES["float32"])
+
+
+def read_checkpoint(hf_dir: str, dtype: str, allow_pickle: bool):
+  """(family, transformers config, DecoderConfig, image side or None, reader, trees), validated:
+  every key and shape of every tree is checked before anything is read or written."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+  family, hf_config = family_of(hf_dir)
+  config = family.decoder_config(hf_config)
+  reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
+  keys = set(reader.keys())
+  side = None
+  if hf_config.model_type in IMAGE_SIDES:
+    side = IMAGE_SIDES[hf_config.model_type](hf_config, keys)
+  trees = [lm_tree(family, config, DTYPES[dtype], keys)] + ([image_tree(side)] if side else [])
+  for tree in trees:
+    plan_tensors(reader, tree, family.name)
+  return family, hf_config, config, side, reader, trees
+
+
+def plan_tensors(reader: CheckpointReader, tree: ParamTree,
+                 family: str) -> list[tuple[TensorSource, Optional[int], str, tuple]]:
   """Every (source, layer, checkpoint key, our shape) to read, checked against the headers.
 
   Raises KeyError naming the first missing tensor, or ValueError naming a tensor whose shape
   differs from what the config implies (both shapes given).
   """
-  shapes = _flat_shapes(config)
   plan = []
-  for source in family.tensor_sources(config):
-    ours = shapes[source.path]
+  for source in tree.sources:
+    ours = tree.shapes[source.path]
     slice_shape = ours[1:] if source.per_layer else ours
-    for layer, key in iter_layer_keys(source, config.num_layers):
+    for layer, key in iter_layer_keys(source, tree.num_layers):
       if key not in reader:
         raise KeyError(f"checkpoint {reader.directory} lacks tensor {key!r} "
                        f"(needed for parameter {source.path}"
@@ -57,31 +116,22 @@ def plan_tensors(reader: CheckpointReader, family: Family,
       found = reader.shape(key)
       if found != expected:
         raise ValueError(f"tensor {key!r} has shape {found} in the checkpoint, but the config "
-                         f"({family.name}) implies {expected}")
+                         f"({family}) implies {expected}")
       plan.append((source, layer, key, slice_shape))
   return plan
 
 
-def chunk_plan(family: Family, config: DecoderConfig, dtype: np.dtype) -> dict[str, tuple]:
-  """Zarr chunks of every parameter, split along the axis the checkpoint's rows fill."""
-  shapes = _flat_shapes(config)
-  return {s.path: checkpoint.chunk_shape(shapes[s.path], dtype.itemsize,
-                                         split_axis=s.layout.row_axis + s.per_layer,
-                                         stacked=s.per_layer)
-          for s in family.tensor_sources(config)}
-
-
-def iter_converted(reader: CheckpointReader, family: Family, config: DecoderConfig,
-                   dtype: np.dtype, progress: bool = False
+def iter_converted(reader: CheckpointReader, tree: ParamTree, progress: bool = False,
+                   family: str = ""
                    ) -> Iterator[tuple[str, Optional[int], tuple, np.ndarray]]:
-  """Yields (parameter path, layer or None, index within it, block in our layout and `dtype`).
+  """Yields (parameter path, layer or None, index within it, block in our layout and dtype).
 
   A block is the rows of one checkpoint tensor that fill one chunk of our array (see
-  `chunk_plan`), so memory holds one block, not one tensor, at a time.
+  `ParamTree.chunks`), so memory holds one block, not one tensor, at a time.
   """
-  plan = plan_tensors(reader, family, config)
-  chunks = chunk_plan(family, config, dtype)
-  for source, layer, key, shape in tqdm(plan, desc="converting", unit="tensor",
+  plan = plan_tensors(reader, tree, family)
+  chunks = tree.chunks()
+  for source, layer, key, shape in tqdm(plan, desc=f"converting {tree.subdir}", unit="tensor",
                                         disable=not progress):
     layout, axis = source.layout, source.layout.row_axis
     unit = layout.rows_per_index(shape)
@@ -93,13 +143,7 @@ def iter_converted(reader: CheckpointReader, family: Family, config: DecoderConf
       # One expression: the raw rows and the layout view are freed before the block is yielded.
       yield source.path, layer, index, np.ascontiguousarray(
           layout.to_ours(reader.read_rows(key, start * unit, stop * unit), block_shape),
-          dtype=dtype)
-
-
-def unused_keys(reader: CheckpointReader, family: Family, config: DecoderConfig) -> list[str]:
-  used = {key for s in family.tensor_sources(config) for _, key in
-          iter_layer_keys(s, config.num_layers)}
-  return [k for k in reader.keys() if k not in used]
+          dtype=tree.dtype)
 
 
 def _summarise(keys: list[str]) -> dict[str, int]:
@@ -114,22 +158,19 @@ def _summarise(keys: list[str]) -> dict[str, int]:
 def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: bool = False,
             progress: bool = True) -> str:
   """Converts an HF checkpoint dir; returns out_dir."""
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-  family, hf_config = family_of(hf_dir)
-  config = family.decoder_config(hf_config)
-  reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
-  plan_tensors(reader, family, config)  # fail on a bad checkpoint before writing anything
+  family, _, config, side, reader, trees = read_checkpoint(hf_dir, dtype, allow_pickle)
   os.makedirs(out_dir, exist_ok=True)
-  writer = checkpoint.StreamingParamWriter(out_dir, _nested_shapes(config), DTYPES[dtype],
-                                           chunk_plan(family, config, DTYPES[dtype]))
-  for path, layer, index, block in iter_converted(reader, family, config, DTYPES[dtype],
-                                                   progress):
-    writer.write(path, block, layer, index)
-    del block  # before the next block is read
+  for tree in trees:
+    writer = checkpoint.StreamingParamWriter(out_dir, _nest(tree.shapes), tree.dtype,
+                                             tree.chunks(), subdir=tree.subdir)
+    for path, layer, index, block in iter_converted(reader, tree, progress, family.name):
+      writer.write(path, block, layer, index)
+      del block  # before the next block is read
+  used = set().union(*(tree.keys() for tree in trees))
   checkpoint.write_meta(out_dir, config, family=family.name, dtype=dtype,
+                        image_tokenizer=side.kind if side else None,
                         source=os.path.abspath(hf_dir),
-                        unconverted_tensors=_summarise(unused_keys(reader, family, config)))
+                        unconverted_tensors=_summarise([k for k in reader.keys() if k not in used]))
   shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(out_dir, "hf_config.json"))
   for name in SIDE_FILES:
     if os.path.exists(os.path.join(hf_dir, name)):
@@ -137,17 +178,21 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: boo
   return out_dir
 
 
-def load_in_memory(hf_dir: str, dtype: str = "float32", allow_pickle: bool = False
-                   ) -> tuple[DecoderConfig, dict]:
-  """Converts an HF checkpoint dir into a nested dict of numpy arrays, without writing files."""
-  family, hf_config = family_of(hf_dir)
-  config = family.decoder_config(hf_config)
-  reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
-  flat = {p: np.empty(s, DTYPES[dtype]) for p, s in _flat_shapes(config).items()}
-  for path, layer, index, block in iter_converted(reader, family, config, DTYPES[dtype]):
-    target = flat[path] if layer is None else flat[path][layer]
-    target[index] = block
-  return config, _nest(flat)
+def load_in_memory(hf_dir: str, dtype: str = "float32", allow_pickle: bool = False):
+  """Converts an HF checkpoint dir in memory, without writing files.
+
+  Returns (DecoderConfig, LM params, image params or None, the transformers config), the trees
+  as nested dicts of numpy arrays.
+  """
+  family, hf_config, config, side, reader, trees = read_checkpoint(hf_dir, dtype, allow_pickle)
+  out = []
+  for tree in trees:
+    flat = {p: np.empty(s, tree.dtype) for p, s in tree.shapes.items()}
+    for path, layer, index, block in iter_converted(reader, tree, family=family.name):
+      target = flat[path] if layer is None else flat[path][layer]
+      target[index] = block
+    out.append(_nest(flat))
+  return config, out[0], out[1] if side else None, hf_config
 
 
 def _nest(flat: dict[str, object]) -> dict:
@@ -159,10 +204,6 @@ def _nest(flat: dict[str, object]) -> dict:
       node = node.setdefault(p, {})
     node[leaf] = value
   return out
-
-
-def _nested_shapes(config: DecoderConfig) -> dict:
-  return _nest(_flat_shapes(config))
 
 
 def main(argv):

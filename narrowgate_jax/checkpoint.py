@@ -51,16 +51,17 @@ def _checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
 
 
-def save_params(directory: str, params: Mapping) -> None:
-  """Writes an in-memory parameter tree to <directory>/params."""
-  path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+def save_params(directory: str, params: Mapping, subdir: str = PARAMS_DIR) -> None:
+  """Writes an in-memory parameter tree to <directory>/<subdir>."""
+  path = os.path.abspath(os.path.join(directory, subdir))
   _checkpointer().save(path, args=ocp.args.PyTreeSave(jax.tree.map(np.asarray, params)),
                        force=True)
 
 
-def restore_params(directory: str, shardings: Optional[Mapping] = None) -> dict:
-  """Reads <directory>/params; each array lands on its sharding (default: the first device)."""
-  path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+def restore_params(directory: str, shardings: Optional[Mapping] = None,
+                   subdir: str = PARAMS_DIR) -> dict:
+  """Reads <directory>/<subdir>; each array lands on its sharding (default: the first device)."""
+  path = os.path.abspath(os.path.join(directory, subdir))
   checkpointer = _checkpointer()
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -100,8 +101,8 @@ class StreamingParamWriter:
   """
 
   def __init__(self, directory: str, shapes: Mapping, dtype: np.dtype,
-               chunks: Mapping[str, tuple[int, ...]]):
-    self.path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+               chunks: Mapping[str, tuple[int, ...]], subdir: str = PARAMS_DIR):
+    self.path = os.path.abspath(os.path.join(directory, subdir))
     self.dtype = np.dtype(dtype)
     is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
     flat = {"/".join(k.key for k in key): v

@@ -444,7 +444,7 @@ def test_iter_converted_keeps_no_copy_of_the_source_block(tiny, monkeypatch):
   family, hf_config = convert_mod.family_of(tiny["hf_dir"])
   config = family.decoder_config(hf_config)
   reader = CheckpointReader(tiny["hf_dir"])
-  blocks = convert_mod.iter_converted(reader, family, config, np.dtype("float32"))
+  blocks = convert_mod.iter_converted(reader, convert_mod.lm_tree(family, config, np.dtype("float32")))
   for path, layer, index, value in blocks:
     key, ref = tracker.read[-1]
     raw = ref()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator, Optional
 
 import numpy as np
 
@@ -94,16 +94,19 @@ class Family:
 
   Attributes:
     name: our name for the family.
-    lm_prefix: key prefix of the language model's tensors (embed_tokens, layers, norm).
+    lm_prefixes: key prefixes of the language model's tensors (embed_tokens, layers, norm); the
+      first one the checkpoint has is used (files written by save_pretrained can name tensors
+      differently from the model in memory: Emu3's "text_model.model." vs "model.text_model.").
     text_config: the language-model part of the transformers config.
     overrides: DecoderConfig fields that differ from the Llama reading of the text config.
+    lm_head_keys: candidate keys of the output projection, likewise.
   """
 
   name: str
-  lm_prefix: str
+  lm_prefixes: tuple[str, ...]
   text_config: Callable[[Any], Any] = lambda cfg: cfg
   overrides: Callable[[Any, Any], dict] = lambda top, text: {}
-  lm_head_key: str = "lm_head.weight"
+  lm_head_keys: tuple[str, ...] = ("lm_head.weight",)
 
   def decoder_config(self, hf_config) -> DecoderConfig:
     text = self.text_config(hf_config)
@@ -129,14 +132,17 @@ class Family:
     fields.update(self.overrides(hf_config, text))
     return DecoderConfig(**fields)
 
-  def tensor_sources(self, config: DecoderConfig) -> list[TensorSource]:
-    p = self.lm_prefix
+  def tensor_sources(self, config: DecoderConfig,
+                     keys: Optional[Container[str]] = None) -> list[TensorSource]:
+    """Where every parameter comes from; `keys` (the checkpoint's) picks among candidate names."""
+    p = first_present(self.lm_prefixes, "embed_tokens.weight", keys)
     out = [TensorSource("embed/embedding", p + "embed_tokens.weight", SAME, False),
            TensorSource("final_norm/scale", p + "norm.weight", SAME, False)]
     out += [TensorSource("layers/" + ours, f"{p}layers.{{i}}.{theirs}", layout, True)
             for ours, theirs, layout in _layer_sources(config)]
     if not config.tie_embeddings:
-      out.append(TensorSource("lm_head/kernel", self.lm_head_key, LINEAR, False))
+      out.append(TensorSource("lm_head/kernel", first_present(self.lm_head_keys, "", keys),
+                              LINEAR, False))
     return out
 
 
@@ -179,16 +185,28 @@ def _tied_at_top(top, text) -> dict:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "model."),
-    "mistral": Family("mistral", "model."),
-    "qwen2": Family("qwen2", "model.", overrides=_qwen2_overrides),
-    "chameleon": Family("chameleon", "model.", overrides=_chameleon_overrides),
-    "emu3": Family("emu3", "model.text_model.", text_config=lambda cfg: cfg.text_config,
-                   overrides=_tied_at_top),
-    "emu3_text_model": Family("emu3", "model."),
-    "janus": Family("janus", "model.language_model.", text_config=lambda cfg: cfg.text_config,
+    "llama": Family("llama", ("model.",)),
+    "mistral": Family("mistral", ("model.",)),
+    "qwen2": Family("qwen2", ("model.",), overrides=_qwen2_overrides),
+    "chameleon": Family("chameleon", ("model.",), overrides=_chameleon_overrides),
+    "emu3": Family("emu3", ("model.text_model.", "text_model.model."),
+                   text_config=lambda cfg: cfg.text_config, overrides=_tied_at_top,
+                   lm_head_keys=("lm_head.weight", "text_model.lm_head.weight")),
+    "emu3_text_model": Family("emu3", ("model.",)),
+    "janus": Family("janus", ("model.language_model.",), text_config=lambda cfg: cfg.text_config,
                     overrides=_tied_at_top),
 }
+
+
+def first_present(candidates: tuple[str, ...], suffix: str,
+                  keys: Optional[Container[str]]) -> str:
+  """The first candidate c with c + suffix among `keys` (the first candidate if none, or no keys:
+  a missing tensor is then reported under its first name)."""
+  if keys is not None:
+    for c in candidates:
+      if c + suffix in keys:
+        return c
+  return candidates[0]
 
 
 def read_model_type(hf_dir: str) -> str:
