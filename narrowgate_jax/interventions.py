@@ -10,7 +10,7 @@ alone; indices are checked against the model when it runs.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import flax.struct
 import jax
@@ -37,12 +37,16 @@ class Knockout:
     keys: [R, B, T] bool.
     mode: "pre_softmax" (score -> dtype minimum, so the row renormalises) or "post_softmax"
       (probability -> 0 after the softmax, no renormalisation).
+    generated_queries: [R] bool or None: whether rule r also blocks the queries of tokens produced
+      by `generate` (from its keys, which are always prompt positions). None means no rule does.
+      `knockout(...)` sets it from the query selector (see there).
   """
 
   layers: jax.Array
   queries: jax.Array
   keys: jax.Array
   mode: str = flax.struct.field(pytree_node=False, default="pre_softmax")
+  generated_queries: Optional[jax.Array] = None
 
   def blocked(self, layer: jax.Array) -> jax.Array:
     """[B, T, S] bool: the edges this knockout cuts in `layer` (a traced scalar)."""
@@ -50,6 +54,28 @@ class Knockout:
     hits = jnp.einsum("R,RBT,RBS->BTS", active, self.queries.astype(jnp.float32),
                       self.keys.astype(jnp.float32))
     return hits > 0
+
+  def generated_flags(self) -> jax.Array:
+    """[R] bool: `generated_queries`, with None read as False for every rule."""
+    if self.generated_queries is None:
+      return jnp.zeros(self.layers.shape[:1], bool)
+    return jnp.asarray(self.generated_queries, bool)
+
+  def with_generated(self, generated: bool) -> "Knockout":
+    """The same knockout with every rule's `generated_queries` set to `generated`."""
+    return self.replace(generated_queries=np.full(np.shape(self.layers)[:1], bool(generated)))
+
+  def for_generated_query(self, length: int) -> "Knockout":
+    """The rules as one generated token's query sees them, against a KV cache of `length` slots.
+
+    Returns a Knockout with queries [R, B, 1] (= generated_queries) and keys [R, B, length] (the
+    prompt's keys, then False for every generated slot: keys never include generated tokens), so
+    `blocked(layer)` gives the [B, 1, length] edges of a decoding step.
+    """
+    rules, b, t = self.keys.shape
+    queries = jnp.broadcast_to(self.generated_flags()[:, None, None], (rules, b, 1))
+    keys = jnp.pad(jnp.asarray(self.keys, bool), ((0, 0), (0, 0), (0, length - t)))
+    return self.replace(queries=queries, keys=keys)
 
 
 @flax.struct.dataclass
@@ -96,6 +122,12 @@ class Interventions:
 
   def patches_at(self, site: str) -> tuple[Patch, ...]:
     return tuple(p for p in self.patches if p.site == site)
+
+  def for_generated_query(self, length: int) -> "Interventions":
+    """What applies to a generated token's query against a KV cache of `length` slots: every
+    knockout as `Knockout.for_generated_query` gives it, and no patch (a patch writes at prompt
+    positions, which a generated token never occupies)."""
+    return Interventions(tuple(k.for_generated_query(length) for k in self.knockouts), ())
 
   def check_against(self, num_layers: int, hidden_size: int) -> None:
     """Raises a clear error for layer indices or vector widths that do not fit the model."""
@@ -149,13 +181,32 @@ def _layer_indices(layers: Iterable[int] | int | None, what: str) -> np.ndarray 
   return idx
 
 
+# Query selectors that include every text position after the image: generated tokens continue
+# that text, so a knockout with these queries applies to them too unless told otherwise.
+GENERATED_QUERY_SELECTORS = ("all", "text", "text_after_image")
+
+
+def covers_generated(queries: Selector) -> bool:
+  """Whether a query selector extends to generated tokens by default (see `knockout`)."""
+  if isinstance(queries, str):
+    return queries in GENERATED_QUERY_SELECTORS
+  if isinstance(queries, (list, tuple)) and all(isinstance(q, str) for q in queries):
+    return any(q in GENERATED_QUERY_SELECTORS for q in queries)
+  return False
+
+
 def knockout(batch: Batch, keys: Selector, queries: Selector = "all",
              layers: Iterable[int] | None = None, mode: str = "pre_softmax",
-             num_layers: int | None = None) -> Knockout:
+             num_layers: int | None = None, generated: bool | None = None) -> Knockout:
   """Blocks attention from `queries` to `keys` in `layers` (all layers when None).
 
   With layers=None the knockout needs the model depth: pass `num_layers`, or use
   `vlm.knockout(...)`, which fills it in.
+
+  generated: whether the queries of tokens produced by `generate` are blocked from `keys` too.
+    None: True when `queries` includes every text position after the image ("all", "text",
+    "text_after_image", or a list naming one of them), False otherwise ("last", "question", an
+    explicit array, ...). Keys are always prompt positions.
   """
   if mode not in KNOCKOUT_MODES:
     raise ValueError(f"knockout mode {mode!r}; expected one of {KNOCKOUT_MODES}")
@@ -167,7 +218,10 @@ def knockout(batch: Batch, keys: Selector, queries: Selector = "all",
     idx = np.arange(num_layers, dtype=np.int32)
   q = select(queries, batch.roles, what="knockout queries")
   k = select(keys, batch.roles, what="knockout keys")
-  return Knockout(layers=idx[None], queries=q[None], keys=k[None], mode=mode)
+  if generated is None:
+    generated = covers_generated(queries)
+  return Knockout(layers=idx[None], queries=q[None], keys=k[None], mode=mode,
+                  generated_queries=np.array([bool(generated)]))
 
 
 def patch(batch: Batch, at: Selector, values, layers: Iterable[int], site: str = "resid_pre",
@@ -228,7 +282,9 @@ def _pad_knockouts(kos: Sequence[Knockout]) -> list[Knockout]:
   width = max(k.layers.shape[1] for k in kos)
   return [k.replace(layers=_pad_axis(_pad_axis(k.layers, 1, width, NO_LAYER), 0, rules, NO_LAYER),
                     queries=_pad_axis(k.queries, 0, rules, False),
-                    keys=_pad_axis(k.keys, 0, rules, False)) for k in kos]
+                    keys=_pad_axis(k.keys, 0, rules, False),
+                    generated_queries=_pad_axis(k.generated_flags(), 0, rules, False))
+          for k in kos]
 
 
 def _pad_patches(ps: Sequence[Patch]) -> list[Patch]:

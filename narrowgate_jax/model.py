@@ -13,12 +13,15 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from narrowgate_jax import checkpoint
 from narrowgate_jax.capture import Capture, CapturePlan, Output
 from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, replicated,
                                         shard_batch)
+from narrowgate_jax.generate import (GenerateOutput, decode_texts, default_eos_id, eos_array,
+                                     generate_conditions_fn, generate_fn)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
@@ -154,6 +157,54 @@ class VLM:
       return tree
     return jax.device_put(tree, replicated(self.mesh))
 
+  # ------------------------------------------------------------------------------- generation
+
+  def generate(self, batch: Batch, max_new_tokens: int = 20,
+               interventions: InterventionLike | Conditions = None, *, eos_id="auto",
+               pad_id: Optional[int] = None) -> GenerateOutput:
+    """Greedy decoding with a KV cache; knockouts apply to the generated tokens too.
+
+    One compiled program (prefill, then a while loop of cached decoding steps); see
+    `narrowgate_jax.generate` for the cache layout and what each intervention does to new tokens.
+    eos_id: "auto" (`generate.default_eos_id`: `vlm.eos_id` if set, else the tokenizer's), an
+      id, a list of ids, or None to always produce max_new_tokens tokens.
+    pad_id: written after an example's end-of-sequence token (default: the tokenizer's pad id,
+      else 0, as `prepare` pads).
+    Returns GenerateOutput(tokens [B, max_new_tokens] int32, texts when there is a tokenizer);
+    with `Conditions`, tokens [C, B, max_new_tokens] and texts [C][B].
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
+    limit = getattr(self.config, "max_positions", 0)
+    longest = int(np.max(np.asarray(batch.positions)[:, -1])) + 1  # left padding: last = longest
+    if limit and longest + max_new_tokens > limit:
+      raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                       f"the model's {limit} positions")
+    eos = eos_array(default_eos_id(self) if isinstance(eos_id, str) and eos_id == "auto"
+                    else eos_id)
+    if pad_id is None:
+      pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+    kwargs = dict(config=self.config, dtype=self.dtype, max_new_tokens=int(max_new_tokens))
+    batch = self._place(batch)
+    args = (self._replicate(jnp.asarray(eos)), self._replicate(jnp.int32(pad_id)))
+    if isinstance(interventions, Conditions):
+      interventions.stacked.check_against(self.num_layers, self.config.hidden_size)
+      tokens = generate_conditions_fn(self.params, batch, self._replicate(interventions.stacked),
+                                      *args, **kwargs)
+    else:
+      interventions = as_interventions(interventions)
+      interventions.check_against(self.num_layers, self.config.hidden_size)
+      tokens = generate_fn(self.params, batch, self._replicate(interventions), *args, **kwargs)
+    tokens = np.asarray(tokens)
+    texts = None
+    if self.tokenizer is not None:
+      rows = tokens.reshape(-1, tokens.shape[-1])
+      texts = decode_texts(self.tokenizer, rows, eos)
+      if tokens.ndim == 3:
+        texts = [texts[c * tokens.shape[1]:(c + 1) * tokens.shape[1]]
+                 for c in range(tokens.shape[0])]
+    return GenerateOutput(tokens=tokens, texts=texts)
+
 
 def _load_tokenizer(directory: str):
   if not any(os.path.exists(os.path.join(directory, f))
@@ -184,7 +235,7 @@ def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
     from checkpoints_convert.convert import load_in_memory
 
     stored = dtype or "float32"
-    config, params = load_in_memory(path, dtype=stored, allow_pickle=allow_pickle)
+    config, params, _, _ = load_in_memory(path, dtype=stored, allow_pickle=allow_pickle)
     if mesh is not None:
       shardings = param_shardings(param_shapes(config), mesh)
       params = jax.tree.map(jax.device_put, params, shardings)

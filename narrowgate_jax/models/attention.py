@@ -19,19 +19,35 @@ SCORE_MIN = jnp.finfo(jnp.float32).min  # what transformers' eager masks add to 
 QUERY_BLOCK = 256  # queries per block when probabilities are not needed (see `_causal_blocks`)
 
 
-def base_mask(attention_mask: jax.Array, window: jax.Array) -> jax.Array:
-  """Causal, padding and sliding-window visibility.
+def visibility(query_index: jax.Array, key_index: jax.Array, key_real: jax.Array,
+               window: jax.Array, query_real: Optional[jax.Array] = None) -> jax.Array:
+  """Causal, padding and sliding-window visibility from absolute indices.
 
-  attention_mask: [B, T] bool (real tokens); window: scalar int (0 = no window).
-  Returns [B, T, S] bool (S = T). A padding query also sees itself, so that no row is empty
-  and nothing padded can turn into NaN.
+  query_index: [T] int, each query's index in the key sequence (in a KV cache: its cache slot).
+  key_index: [S] int, each key's index in the same sequence (0..S-1 for a cache or a full pass).
+  key_real: [B, S] bool, False at padding keys. window: scalar int (0 = no window).
+  query_real: [B, T] bool or None. Where given, a padding query also sees itself, so that no row is
+    empty and nothing padded can turn into NaN.
+  Returns [B, T, S] bool: key s visible to query t when key_index[s] <= query_index[t], within the
+  window (query_index - window < key_index), and key s is real.
   """
-  t = jnp.arange(attention_mask.shape[1])
-  distance = t[:, None] - t[None, :]  # [T, S]: query index minus key index
+  distance = query_index[:, None] - key_index[None, :]  # [T, S]: query index minus key index
   causal = distance >= 0
   in_window = jnp.where(window > 0, distance < window, True)
-  visible = causal & in_window & attention_mask[:, None, :]
-  return visible | ((distance == 0) & ~attention_mask[:, :, None])
+  visible = causal & in_window & key_real[:, None, :]
+  if query_real is None:
+    return visible
+  return visible | ((distance == 0) & ~query_real[:, :, None])
+
+
+def base_mask(attention_mask: jax.Array, window: jax.Array) -> jax.Array:
+  """Visibility of a full pass over one sequence: queries and keys are the same T positions.
+
+  attention_mask: [B, T] bool (real tokens); window: scalar int (0 = no window).
+  Returns [B, T, S] bool (S = T); a padding query sees itself only.
+  """
+  t = jnp.arange(attention_mask.shape[1])
+  return visibility(t, t, attention_mask, window, attention_mask)
 
 
 def _scores(qg, k, visible, scale):
@@ -53,7 +69,9 @@ def _causal_blocks(qg, k, v, visible, scale, block):
   after the value product, on [.., H] instead of [.., S]. Returns [B, K, G, T, H].
   """
   t, s = qg.shape[3], k.shape[2]
-  offset = s - t  # queries are the last t positions of the keys
+  # Queries are at most the last t positions of the keys (in a KV cache they may sit earlier, with
+  # later slots still empty): block i never needs keys past offset + its last query.
+  offset = s - t
   out = []
   for start in range(0, t, block):
     stop = min(start + block, t)
@@ -70,7 +88,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
            need_probabilities: bool = False,
            query_block: int = QUERY_BLOCK) -> tuple[jax.Array, Optional[jax.Array]]:
   """Attention of queries q [B, T, N, H] over keys k, values v [B, S, K, H] (S >= T, the queries
-  being the last T positions).
+  being the last T positions, or earlier ones as in a KV cache whose later slots are still empty:
+  `visible` hides those).
 
   visible: [B, T, S] bool, False where the score is set to the dtype minimum before the softmax
     (causality, padding, pre-softmax knockouts).

@@ -22,6 +22,8 @@ class DecoderConfig:
     qk_norm: Chameleon's LayerNorm over head_dim on queries and keys, with per-head affine.
     suppressed_logit_ids: vocabulary ids whose logits are set to the dtype minimum (Chameleon's
       image tokens, as transformers does for text output).
+    max_positions: the context length the checkpoint was trained for (0: unknown); longer
+      prompts are refused.
   """
 
   vocab_size: int
@@ -44,6 +46,7 @@ class DecoderConfig:
   tie_embeddings: bool = False
   hidden_act: str = "silu"
   suppressed_logit_ids: tuple[int, ...] = ()
+  max_positions: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -30,21 +30,30 @@ import numpy as np
 
 from narrowgate_jax.capture import CapturePlan
 from narrowgate_jax.interventions import Interventions
-from narrowgate_jax.models.attention import attend, base_mask
+from narrowgate_jax.models.attention import attend, visibility
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.layers import GatedMLP, HeadLayerNorm, RMSNorm, apply_rope, rope_tables
 
 
 @flax.struct.dataclass
 class LayerInputs:
-  """What every layer reads besides the residual stream (broadcast over the layer scan)."""
+  """What every layer reads besides the residual stream (broadcast over the layer scan).
+
+  A full pass has queries and keys at the same T positions. A decoding step has T = 1 query at
+  cache slot `cache_index` and S = the cache length of keys (every slot, filled or not: the
+  mask hides the empty ones).
+  """
 
   cos: jax.Array  # [B, T, H]
   sin: jax.Array  # [B, T, H]
-  attention_mask: jax.Array  # [B, T] bool
+  query_index: jax.Array  # [T] int32: each query's slot in the key sequence
+  key_real: jax.Array  # [B, S] bool: False at padding keys
+  query_real: Optional[jax.Array]  # [B, T] bool (a padding query sees itself), None when decoding
   windows: jax.Array  # [L] int32 sliding window per layer, 0 = none
   interventions: Interventions
   plan: CapturePlan
+  cache_index: Optional[jax.Array] = None  # scalar int32: cache slot of the new keys (decoding)
+  keep_kv: bool = flax.struct.field(pytree_node=False, default=False)  # emit this pass's K/V
 
 
 class Attention(nn.Module):
@@ -57,7 +66,12 @@ class Attention(nn.Module):
   need_probabilities: bool
 
   @nn.compact
-  def __call__(self, x, layer, inputs: LayerInputs):
+  def __call__(self, x, layer, inputs: LayerInputs, cache=None):
+    """cache: this layer's (keys, values) [B, S, K, H] when decoding, else None.
+
+    Returns (out [B, T, D], probabilities [B, N, T, S] or None, (keys, values) [B, T, K, H] of
+    the T positions of x, after RoPE: what a KV cache stores).
+    """
     c = self.config
     proj = lambda heads, name, bias: nn.DenseGeneral(  # noqa: E731
         (heads, c.head_dim), use_bias=bias, dtype=x.dtype, param_dtype=jnp.float32, name=name)
@@ -70,7 +84,15 @@ class Attention(nn.Module):
     q = apply_rope(q, inputs.cos, inputs.sin)
     k = apply_rope(k, inputs.cos, inputs.sin)
 
-    visible = base_mask(inputs.attention_mask, inputs.windows[layer])
+    new_kv = (k, v)
+    if cache is not None:  # write the new keys into (a copy of) the cache slice, attend over all
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
+                                              inputs.cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
+                                              inputs.cache_index, axis=1)
+    key_index = jnp.arange(k.shape[1])
+    visible = visibility(inputs.query_index, key_index, inputs.key_real, inputs.windows[layer],
+                         inputs.query_real)
     post_block = None
     for ko in inputs.interventions.knockouts:
       blocked = ko.blocked(layer)
@@ -82,18 +104,22 @@ class Attention(nn.Module):
                         need_probabilities=self.need_probabilities)
     out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.out_bias, dtype=x.dtype,
                           param_dtype=jnp.float32, name="o")(out)
-    return out, probs
+    return out, probs, new_kv
 
 
 class DecoderLayer(nn.Module):
-  """One block; the scan carry is (residual [B, T, D], attention buffer or None)."""
+  """One block; the scan carry is (residual [B, T, D], attention buffer or None).
+
+  Scanned over `xs` = (layer index, this layer's KV cache (keys, values) [B, S, K, H] or None).
+  """
 
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, carry, layer, inputs: LayerInputs):
+  def __call__(self, carry, xs, inputs: LayerInputs):
     c, plan, iv = self.config, inputs.plan, inputs.interventions
     x, attn_buffer = carry
+    layer, cache = xs
     for p in iv.patches_at("resid_pre"):
       x = p.apply(x, layer)
 
@@ -105,7 +131,7 @@ class DecoderLayer(nn.Module):
     attn_in = input_norm(x) if c.block_order == "pre_norm" else x
     for p in iv.patches_at("attn_in"):
       attn_in = p.apply(attn_in, layer)
-    attn_out, probs = attention(attn_in, layer, inputs)
+    attn_out, probs, new_kv = attention(attn_in, layer, inputs, cache)
     if c.block_order == "pre_norm":
       x = x + attn_out
       x = x + mlp(post_attn_norm(x))
@@ -116,6 +142,8 @@ class DecoderLayer(nn.Module):
       x = p.apply(x, layer)
 
     emitted = {}
+    if inputs.keep_kv:
+      emitted["kv"] = new_kv
     if plan.resid:
       emitted["resid"] = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
     if plan.received_queries is not None:
@@ -144,6 +172,7 @@ class Decoder(nn.Module):
 
   __call__(input_ids [B, T] | None, positions [B, T], attention_mask [B, T] bool, interventions,
   plan, embeddings [B, T, D] | None) -> dict with "logits" [B, T, V] float32 and the captures.
+  `prefill` and `decode` are the two halves of cached generation (see `narrowgate_jax.generate`).
   """
 
   config: DecoderConfig
@@ -160,21 +189,29 @@ class Decoder(nn.Module):
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=jnp.float32)
 
-  def __call__(self, input_ids, positions, attention_mask, interventions: Interventions,
-               plan: CapturePlan, embeddings: Optional[jax.Array] = None):
+  def _prompt_pass(self, input_ids, positions, attention_mask, interventions, plan, embeddings,
+                   keep_kv: bool):
+    """The layer scan over a whole prompt -> (embeddings [B, T, D], last layer's output
+    [B, T, D], attention buffer or None, what the layers emitted, stacked on [L])."""
     c = self.config
     x = self.embed(input_ids) if embeddings is None else embeddings.astype(self.dtype)
     cos, sin = rope_tables(positions, c)
-    inputs = LayerInputs(cos=cos, sin=sin, attention_mask=attention_mask,
+    b, t = attention_mask.shape
+    inputs = LayerInputs(cos=cos, sin=sin, query_index=jnp.arange(t), key_real=attention_mask,
+                         query_real=attention_mask,
                          windows=jnp.asarray(c.layer_windows, jnp.int32),
-                         interventions=interventions, plan=plan)
+                         interventions=interventions, plan=plan, keep_kv=keep_kv)
     attn_buffer = None
     if plan.attn_layers:
-      b, t = attention_mask.shape
       attn_buffer = jnp.zeros((len(plan.attn_layers), b, c.num_heads, t, t), jnp.float32)
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    (x_out, attn_buffer), emitted = self.layers((x, attn_buffer), layer_ids, inputs)
+    (x_out, attn_buffer), emitted = self.layers((x, attn_buffer), (layer_ids, None), inputs)
+    return x, x_out, attn_buffer, emitted
 
+  def __call__(self, input_ids, positions, attention_mask, interventions: Interventions,
+               plan: CapturePlan, embeddings: Optional[jax.Array] = None):
+    x, x_out, attn_buffer, emitted = self._prompt_pass(
+        input_ids, positions, attention_mask, interventions, plan, embeddings, keep_kv=False)
     out = {"logits": self.unembed(self.final_norm(x_out))}
     if plan.resid:
       first = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
@@ -184,6 +221,39 @@ class Decoder(nn.Module):
     if plan.attn_layers:
       out["attn"] = attn_buffer
     return out
+
+  def prefill(self, input_ids, positions, attention_mask, interventions: Interventions,
+              embeddings: Optional[jax.Array] = None):
+    """The prompt pass of generation (left-padded: the last position is every example's last).
+
+    Returns (logits at the last position [B, V] float32, (keys, values) [L, B, T, K, H]).
+    """
+    _, x_out, _, emitted = self._prompt_pass(input_ids, positions, attention_mask, interventions,
+                                             CapturePlan(), embeddings, keep_kv=True)
+    return self.unembed(self.final_norm(x_out[:, -1:]))[:, 0], emitted["kv"]
+
+  def decode(self, token_ids, positions, cache_index, key_real, cache,
+             interventions: Interventions):
+    """One decoding step: a new token at cache slot `cache_index` for every example.
+
+    token_ids, positions: [B] int (rotary position of the new token); cache_index: scalar int;
+    key_real: [B, S] bool (False at the prompt's padding); cache: (keys, values) [L, B, S, K, H]
+    holding slots < cache_index; interventions: in the form `Interventions.for_generated_query`
+    gives (knockout queries [R, B, 1], keys [R, B, S]; no patches).
+    Returns (logits [B, V] float32, the new token's (keys, values) [L, B, 1, K, H]); the caller
+    writes these into its cache.
+    """
+    c = self.config
+    x = self.embed(token_ids[:, None])
+    cos, sin = rope_tables(positions[:, None], c)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    inputs = LayerInputs(cos=cos, sin=sin, query_index=cache_index[None], key_real=key_real,
+                         query_real=None, windows=jnp.asarray(c.layer_windows, jnp.int32),
+                         interventions=interventions, plan=CapturePlan(), cache_index=cache_index,
+                         keep_kv=True)
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    (x_out, _), emitted = self.layers((x, None), (layer_ids, cache), inputs)
+    return self.unembed(self.final_norm(x_out))[:, 0], emitted["kv"]
 
   def unembed(self, h):
     """h [B, T, D] (after the final norm) -> logits [B, T, V] float32."""

@@ -128,6 +128,7 @@ class Family:
         sliding_windows=_sliding_windows(text),
         tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
         hidden_act=text.hidden_act,
+        max_positions=getattr(text, "max_position_embeddings", None) or 0,
     )
     fields.update(self.overrides(hf_config, text))
     return DecoderConfig(**fields)

@@ -1,0 +1,163 @@
+"""Greedy decoding with a KV cache, with interventions applied to the generated tokens too.
+
+One jitted program per (config, batch shape, max_new_tokens, intervention structure):
+
+  prefill   one pass over the left-padded prompt [B, T] (`Decoder.prefill`), every intervention
+            applied as in `forward`; it returns the last position's logits and every layer's
+            keys and values [L, B, T, K, H], which are padded into a cache [L, B, S, K, H] with
+            S = T + max_new_tokens slots.
+  decode    a `jax.lax.while_loop` of `Decoder.decode` steps: step i embeds token i - 1, writes
+            its keys and values at cache slot T + i - 1 and attends over the whole cache,
+            unembeds, takes the argmax. The loop ends after max_new_tokens tokens or once every
+            example has emitted an end-of-sequence id.
+
+Layout: cache slot = index in the padded sequence (prompt slots 0..T-1, then one slot per new
+token, the same for every example). Masks come from absolute slots (`attention.visibility`):
+key s is visible to the query at slot q when s <= q, q - window < s (sliding-window layers), and
+s is not prompt padding. Rotary positions continue from each example's own last prompt position
+(left padding: the new token's position = number of tokens before it, padding excluded).
+
+Interventions during decoding:
+  * Knockouts: rule r blocks a generated token's query from the rule's keys (prompt positions
+    only) where `Knockout.generated_queries[r]` is set; both pre- and post-softmax.
+  * Patches and steering act at prompt positions during the prefill (so the cached keys and
+    values carry their effect); a generated token never sits at a prompt position, so there is
+    nothing for them to do while decoding.
+A `Conditions` value runs every condition in one call (vmapped); tokens gain a leading [C] axis.
+
+After an example emits an end-of-sequence id, its remaining tokens are `pad_id`, as transformers'
+greedy `generate` does. Image-token logits (Chameleon's `suppressed_logit_ids`) sit at the float32
+minimum, so the argmax never picks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from narrowgate_jax.interventions import Interventions
+from narrowgate_jax.models.config import DecoderConfig
+from narrowgate_jax.models.decoder import Decoder
+from narrowgate_jax.processing.batch import Batch
+
+EosIds = Union[None, int, Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """tokens: [B, max_new_tokens] int32 (with a `Conditions` input: [C, B, max_new_tokens]),
+  `pad_id` after an example's end-of-sequence token. texts: the tokens decoded up to (not
+  including) the end-of-sequence token, when the model has a tokenizer ([B] or [C][B])."""
+
+  tokens: np.ndarray
+  texts: Optional[list] = None
+
+
+def eos_array(eos_id: EosIds) -> np.ndarray:
+  """None, an id or a list of ids -> [E] int32 (E >= 1; -1 never matches a token)."""
+  if eos_id is None:
+    return np.full((1,), -1, np.int32)
+  ids = np.atleast_1d(np.asarray(eos_id, np.int32))
+  if ids.ndim != 1 or ids.size == 0:
+    raise ValueError(f"eos_id must be None, an id or a non-empty list of ids, got {eos_id!r}")
+  return ids
+
+
+def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Array,
+           pad_id: jax.Array, *, config: DecoderConfig, dtype, max_new_tokens: int) -> jax.Array:
+  """Greedy tokens [B, max_new_tokens] int32 (traceable; `generate_fn` is its jitted form).
+
+  eos_ids: [E] int32 end-of-sequence ids (-1 for none); pad_id: scalar int32.
+  """
+  model = Decoder(config, dtype)
+  run = functools.partial(model.apply, {"params": params})
+  b, t = batch.input_ids.shape
+  length = t + max_new_tokens
+  real = batch.attention_mask
+  logits, (keys, values) = run(batch.input_ids, batch.positions, real, interventions,
+                               method=Decoder.prefill)
+  widen = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+  cache = (jnp.pad(keys, widen), jnp.pad(values, widen))  # [L, B, S, K, H]
+  key_real = jnp.concatenate([real, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, S]
+  decode_iv = interventions.for_generated_query(length)
+  last_position = batch.positions[:, -1]  # left padding: every example's last prompt token
+
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, eos_ids)
+
+  def unfinished(state):
+    i, _, done, _ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def step(state):
+    """Token i from token i - 1, which goes into cache slot t + i - 1."""
+    i, tokens, done, (cache_k, cache_v) = state
+    slot = t + i - 1
+    logits, (k_new, v_new) = run(tokens[:, i - 1], last_position + i, slot, key_real,
+                                 (cache_k, cache_v), decode_iv, method=Decoder.decode)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_new.astype(cache_k.dtype), slot, 2)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_new.astype(cache_v.dtype), slot, 2)
+    token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
+    return i + 1, tokens, done | jnp.isin(token, eos_ids), (cache_k, cache_v)
+
+  _, tokens, _, _ = jax.lax.while_loop(unfinished, step, (jnp.int32(1), tokens, done, cache))
+  return tokens
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens"))
+def generate_fn(params, batch, interventions, eos_ids, pad_id, *, config, dtype,
+                max_new_tokens) -> jax.Array:
+  """The jitted `greedy`: prefill and the whole decoding loop in one program."""
+  return greedy(params, batch, interventions, eos_ids, pad_id, config=config, dtype=dtype,
+                max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens"))
+def generate_conditions_fn(params, batch, stacked: Interventions, eos_ids, pad_id, *, config,
+                           dtype, max_new_tokens) -> jax.Array:
+  """`greedy` for every condition of a stacked Interventions -> tokens [C, B, max_new_tokens]."""
+  run = functools.partial(greedy, params, batch, eos_ids=eos_ids, pad_id=pad_id, config=config,
+                          dtype=dtype, max_new_tokens=max_new_tokens)
+  return jax.vmap(run)(stacked)
+
+
+def decode_texts(tokenizer, tokens: np.ndarray, eos_ids: np.ndarray) -> list[str]:
+  """[B, N] tokens -> B strings, each cut before its first end-of-sequence id."""
+  texts = []
+  for row in np.asarray(tokens):
+    stop = np.flatnonzero(np.isin(row, eos_ids))
+    row = row[:stop[0]] if stop.size else row
+    texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
+  return texts
+
+
+def default_eos_id(vlm) -> EosIds:
+  """The end-of-sequence id(s) `generate` stops at by default: `vlm.eos_id` when it has been set
+  (an id, a list of ids, or None for none), else the tokenizer's `eos_token_id`, else None."""
+  if "eos_id" in getattr(vlm, "__dict__", {}):
+    return vlm.eos_id
+  return getattr(vlm.tokenizer, "eos_token_id", None)
+
+
+def eos_id_from_checkpoint(directory: str) -> EosIds:
+  """`eos_token_id` of a checkpoint dir (converted or Hugging Face): generation_config.json
+  first, then hf_config.json / config.json (top level, then text_config); None if none says."""
+  for name in ("generation_config.json", "hf_config.json", "config.json"):
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      cfg = json.load(f)
+    for section in (cfg, cfg.get("text_config") or {}):
+      if section.get("eos_token_id") is not None:
+        return section["eos_token_id"]
+  return None
