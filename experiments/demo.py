@@ -48,6 +48,8 @@ def word_tokenizer():
   vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.post_processor = tokenizers.processors.TemplateProcessing(  # BOS first, as Llama's does
+      single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                               eos_token="</s>", pad_token="<pad>",
                                               unk_token="<unk>")

@@ -8,6 +8,7 @@ compiled call, so a sweep over many interventions costs one dispatch.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Optional, Sequence
 
@@ -21,15 +22,17 @@ from narrowgate_jax.capture import Capture, CapturePlan, Output
 from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, replicated,
                                         shard_batch)
 from narrowgate_jax.generate import (GenerateOutput, decode_texts, default_eos_id, eos_array,
+                                     eos_id_from_checkpoint,
                                      generate_conditions_fn, generate_fn)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.decoder import Decoder, param_shapes
+from narrowgate_jax.models.native import IMAGE_PARAMS_DIR, IMAGE_READERS, IMAGE_SIDES
 from narrowgate_jax.processing.batch import Batch, left_pad
+from narrowgate_jax.processing.images import load_image
+from narrowgate_jax.processing.prompts import IMAGE_MARKER, count_markers, tokenize_prompt
 from narrowgate_jax.processing.roles import Role, Selector
-
-IMAGE_MARKER = "<image>"
 
 
 def _run(params, batch: Batch, interventions: Interventions, plan: CapturePlan, *,
@@ -76,13 +79,15 @@ class VLM:
   """A loaded model. Build it with `ng.load`."""
 
   def __init__(self, config: DecoderConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
-               dtype=jnp.float32, name: str = ""):
+               dtype=jnp.float32, name: str = "", images=None):
+    """images: the family's image side (`models.native`), None for text-only checkpoints."""
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
     self.dtype = jnp.dtype(dtype)
     self.name = name
+    self.images = images
 
   @property
   def num_layers(self) -> int:
@@ -96,42 +101,68 @@ class VLM:
   # ------------------------------------------------------------------------------- batches
 
   def prepare(self, images: Optional[Sequence] = None, prompts: Optional[Sequence[str]] = None,
-              token_ids: Optional[Sequence[Sequence[int]]] = None, add_bos: bool = True) -> Batch:
-    """Prompts (or token ids) -> a left-padded `Batch` with roles.
+              token_ids: Optional[Sequence[Sequence[int]]] = None,
+              questions: Optional[Sequence[Optional[str]]] = None) -> Batch:
+    """Prompts (with their images) or token ids -> a left-padded `Batch` with roles.
 
-    This is a text-only language model: `images` and prompts with "<image>" are refused.
+    images: one entry per prompt: an image (PIL image, uint8 array [H, W, 3] or a file path), a
+      list of images for a prompt with several "<image>" markers, or None. Each "<image>" in a
+      prompt becomes the family's image span (Chameleon: start, codes, <eoss>; Emu3: start, size,
+      rows of codes and row ends, end-of-frame, end), tokenized as the family's processor does.
+    questions: optionally, per prompt, the user's part of it: its tokens get Role.TEXT (the
+      "question" selector) and the rest of the text Role.TEMPLATE.
     """
-    if images:
-      raise ValueError(f"{self.config.family} checkpoint has no image encoder; it takes text only")
     if (prompts is None) == (token_ids is None):
       raise ValueError("prepare needs exactly one of prompts= or token_ids=")
-    if prompts is not None:
-      token_ids = [self._tokenize(i, p, add_bos) for i, p in enumerate(prompts)]
-    bos = getattr(self.tokenizer, "bos_token_id", None)
-    roles = [[Role.BOS if (j == 0 and t == bos) else Role.TEXT for j, t in enumerate(ids)]
-             for ids in token_ids]
-    for i, ids in enumerate(token_ids):
+    if token_ids is not None:
+      if images:
+        raise ValueError("images go with prompts=, not token_ids=")
+      bos = getattr(self.tokenizer, "bos_token_id", None)
+      seqs = [(np.asarray(ids), np.asarray([Role.BOS if (j == 0 and t == bos) else Role.TEXT
+                                             for j, t in enumerate(ids)])) for ids in token_ids]
+    else:
+      seqs = self._tokenize_prompts(prompts, images, questions)
+    for i, (ids, _) in enumerate(seqs):
       if not len(ids):
         raise ValueError(f"example {i} has no tokens")
+      if self.config.max_positions and len(ids) > self.config.max_positions:
+        raise ValueError(f"prompt {i} is {len(ids)} tokens long; the model's context is "
+                         f"{self.config.max_positions} positions")
     pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-    return left_pad(token_ids, roles, pad_id=pad)
+    return left_pad([ids for ids, _ in seqs], [roles for _, roles in seqs], pad_id=pad)
 
-  def _tokenize(self, index: int, prompt: str, add_bos: bool) -> list[int]:
-    if IMAGE_MARKER in prompt:
-      raise ValueError(f"prompt {index} contains {IMAGE_MARKER} but the {self.config.family} "
-                       "checkpoint has no image encoder")
+  def _tokenize_prompts(self, prompts, images, questions) -> list[tuple[np.ndarray, np.ndarray]]:
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer files; pass token_ids= instead")
-    ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    bos = getattr(self.tokenizer, "bos_token_id", None)
-    return ([bos] if add_bos and bos is not None else []) + list(ids)
+    per_prompt = _images_per_prompt(images, len(prompts))
+    if any(per_prompt) and self.images is None:
+      raise ValueError(f"the {self.config.family} checkpoint has no image tokenizer; "
+                       "it takes text only")
+    flat = [load_image(image, index=n) for n, image in enumerate(
+        image for group in per_prompt for image in group)]
+    spans = self.images.spans(flat) if flat else []
+    questions = questions if questions is not None else [None] * len(prompts)
+    if len(questions) != len(prompts):
+      raise ValueError(f"{len(questions)} questions for {len(prompts)} prompts")
+    out, used = [], 0
+    for i, (prompt, group, question) in enumerate(zip(prompts, per_prompt, questions)):
+      if count_markers(prompt) and self.images is None:
+        raise ValueError(f"prompt {i} contains {IMAGE_MARKER} but the {self.config.family} "
+                         "checkpoint has no image tokenizer")
+      prefix = self.images.prefix if self.images is not None else ""
+      out.append(tokenize_prompt(self.tokenizer, prompt, spans[used:used + len(group)], index=i,
+                                 prefix=prefix, question=question))
+      used += len(group)
+    return out
 
   # ------------------------------------------------------------------------------- forward
 
   def knockout(self, batch: Batch, keys: Selector, queries: Selector = "all",
-               layers=None, mode: str = "pre_softmax") -> Knockout:
+               layers=None, mode: str = "pre_softmax",
+               generated: Optional[bool] = None) -> Knockout:
     """`ng.knockout` with layers=None meaning every layer of this model."""
-    return knockout(batch, keys, queries, layers, mode, num_layers=self.num_layers)
+    return knockout(batch, keys, queries, layers, mode, num_layers=self.num_layers,
+                    generated=generated)
 
   def forward(self, batch: Batch, interventions: InterventionLike | Conditions = None,
               capture: Optional[Capture] = None) -> Output:
@@ -206,6 +237,18 @@ class VLM:
     return GenerateOutput(tokens=tokens, texts=texts)
 
 
+def _images_per_prompt(images, num_prompts: int) -> list[list]:
+  """`prepare`'s images argument -> one list of images per prompt."""
+  if images is None:
+    return [[] for _ in range(num_prompts)]
+  images = list(images)
+  if len(images) != num_prompts:
+    raise ValueError(f"{len(images)} image entries for {num_prompts} prompts: give one entry per "
+                     "prompt (an image, a list of images, or None)")
+  return [[] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
+          for entry in images]
+
+
 def _load_tokenizer(directory: str):
   if not any(os.path.exists(os.path.join(directory, f))
              for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -215,30 +258,52 @@ def _load_tokenizer(directory: str):
   return transformers.AutoTokenizer.from_pretrained(directory)
 
 
+def _processor_config(directory: str) -> dict:
+  path = os.path.join(directory, "preprocessor_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _hf_config_of_converted(directory: str):
+  import transformers
+
+  with open(os.path.join(directory, "hf_config.json")) as f:
+    fields = json.load(f)
+  return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
 def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
          allow_pickle: bool = False) -> VLM:
   """A converted checkpoint dir, or a Hugging Face checkpoint dir converted in memory.
 
   mesh: place parameters on this (data, model) mesh with `distributed.LOGICAL_RULES`; the first
     device when None. dtype: compute dtype ("float32", "bfloat16"); the stored dtype when None.
+    A native VLM's VQ image tokenizer stays in float32 on the first device (it runs once per
+    image, in `prepare`).
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory")
-  shardings = None
+  image_params, image_kind, hf_config = None, None, None
   if checkpoint.is_converted(path):
     config, meta = checkpoint.read_meta(path)
-    if mesh is not None:
-      shardings = param_shardings(param_shapes(config), mesh)
+    shardings = param_shardings(param_shapes(config), mesh) if mesh is not None else None
     params = checkpoint.restore_params(path, shardings)
     stored = meta.get("dtype", "float32")
+    image_kind = meta.get("image_tokenizer")
+    if image_kind:
+      image_params = checkpoint.restore_params(path, subdir=IMAGE_PARAMS_DIR)
+      hf_config = _hf_config_of_converted(path)
   elif os.path.exists(os.path.join(path, "config.json")):
     from checkpoints_convert.convert import load_in_memory
 
     stored = dtype or "float32"
-    config, params, _, _ = load_in_memory(path, dtype=stored, allow_pickle=allow_pickle)
+    config, params, image_params, hf_config = load_in_memory(path, dtype=stored,
+                                                             allow_pickle=allow_pickle)
+    image_kind = IMAGE_SIDES[hf_config.model_type](hf_config).kind if image_params else None
     if mesh is not None:
-      shardings = param_shardings(param_shapes(config), mesh)
-      params = jax.tree.map(jax.device_put, params, shardings)
+      params = jax.tree.map(jax.device_put, params, param_shardings(param_shapes(config), mesh))
     else:
       params = jax.tree.map(jnp.asarray, params)
   else:
@@ -246,8 +311,17 @@ def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
                             "nor a Hugging Face checkpoint dir (config.json)")
   dtype = jnp.dtype(dtype or stored)
   params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
-  return VLM(config, params, tokenizer=_load_tokenizer(path), mesh=mesh, dtype=dtype,
-             name=os.path.basename(os.path.normpath(path)))
+  tokenizer = _load_tokenizer(path)
+  images = None
+  if image_kind and tokenizer is not None:  # without one, prompts cannot be built: ids only
+    images = IMAGE_READERS[image_kind](hf_config, jax.tree.map(jnp.asarray, image_params),
+                                       tokenizer, _processor_config(path))
+  vlm = VLM(config, params, tokenizer=tokenizer, mesh=mesh, dtype=dtype,
+            name=os.path.basename(os.path.normpath(path)), images=images)
+  eos = eos_id_from_checkpoint(path)
+  if eos is not None:
+    vlm.eos_id = eos
+  return vlm
 
 
 def random_params(config: DecoderConfig, seed: int = 0) -> dict:
