@@ -147,10 +147,10 @@ def iter_converted(reader: CheckpointReader, tree: ParamTree, progress: bool = F
 
 
 def _summarise(keys: list[str]) -> dict[str, int]:
-  """Unused keys grouped by their first two dotted components, with counts."""
+  """Unused keys grouped by their first three dotted components, with counts."""
   groups: dict[str, int] = {}
   for k in keys:
-    head = ".".join(k.split(".")[:2])
+    head = ".".join(k.split(".")[:3])
     groups[head] = groups.get(head, 0) + 1
   return groups
 

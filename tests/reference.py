@@ -114,6 +114,7 @@ def tiny_emu3_text(**kw):
 _MODEL_CLASSES = {
     transformers.ChameleonConfig: transformers.ChameleonForConditionalGeneration,
     transformers.Emu3TextConfig: transformers.Emu3ForCausalLM,
+    transformers.Emu3Config: transformers.Emu3ForConditionalGeneration,
     transformers.JanusConfig: transformers.JanusForConditionalGeneration,
 }
 

@@ -103,15 +103,13 @@ class Emu3Images:
     self.tokens = Emu3Tokens.from_tokenizer(tokenizer)
     self.placeholder_id = tokenizer.convert_tokens_to_ids(self.tokens.placeholder)
     self.eol_id = hf_config.vocabulary_map["<|extra_200|>"]
-    self.vocabulary_map = hf_config.vocabulary_map
+    self.table = emu3_vq.img2bpe_table(hf_config.vocabulary_map)
     self.prefix = tokenizer.bos_token or ""  # Emu3's processor writes BOS into the text
 
   def spans(self, images: Sequence) -> list[ImageSpan]:
     pixels, sizes = im.pad_to_batch([im.emu3_pixels(image, self.spec) for image in images])
     grids = emu3_vq.encode_codes(self.params, self.config, pixels, sizes)
-    return [self.tokens.span(self.placeholder_id,
-                             np.asarray(emu3_vq.codes_to_token_ids(self.vocabulary_map, g)),
-                             self.eol_id) for g in grids]
+    return [self.tokens.span(self.placeholder_id, self.table[grid], self.eol_id) for grid in grids]
 
 
 # Keyed by model_type: Emu3ForCausalLM checkpoints ("emu3_text_model") have no image side.
