@@ -8,6 +8,7 @@
 
 from narrowgate_jax.capture import Capture, Output
 from narrowgate_jax.distributed import make_mesh
+from narrowgate_jax.generate import GenerateOutput
 from narrowgate_jax.interventions import (Conditions, Interventions, Knockout, Patch, knockout,
                                           patch, stack_conditions, steer)
 from narrowgate_jax.model import VLM, load
@@ -16,6 +17,7 @@ from narrowgate_jax.processing.batch import Batch
 from narrowgate_jax.processing.roles import Role
 
 __all__ = [
-    "Batch", "Capture", "Conditions", "DecoderConfig", "Interventions", "Knockout", "Output",
+    "Batch", "Capture", "Conditions", "DecoderConfig", "GenerateOutput", "Interventions",
+    "Knockout", "Output",
     "Patch", "Role", "VLM", "knockout", "load", "make_mesh", "patch", "stack_conditions", "steer",
 ]
