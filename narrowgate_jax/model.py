@@ -102,7 +102,7 @@ class VLM:
 
   def prepare(self, images: Optional[Sequence] = None, prompts: Optional[Sequence[str]] = None,
               token_ids: Optional[Sequence[Sequence[int]]] = None,
-              questions: Optional[Sequence[Optional[str]]] = None) -> Batch:
+              questions: Optional[Sequence[Optional[str]]] = None, chat: bool = False) -> Batch:
     """Prompts (with their images) or token ids -> a left-padded `Batch` with roles.
 
     images: one entry per prompt: an image (PIL image, uint8 array [H, W, 3] or a file path), a
@@ -111,6 +111,8 @@ class VLM:
       rows of codes and row ends, end-of-frame, end), tokenized as the family's processor does.
     questions: optionally, per prompt, the user's part of it: its tokens get Role.TEXT (the
       "question" selector) and the rest of the text Role.TEMPLATE.
+    chat: Chameleon's chat mode (the prompt ends with its separator token, as its processor does
+      by default); the default is the text-completion mode the Narrow Gate study used.
     """
     if (prompts is None) == (token_ids is None):
       raise ValueError("prepare needs exactly one of prompts= or token_ids=")
@@ -121,7 +123,7 @@ class VLM:
       seqs = [(np.asarray(ids), np.asarray([Role.BOS if (j == 0 and t == bos) else Role.TEXT
                                              for j, t in enumerate(ids)])) for ids in token_ids]
     else:
-      seqs = self._tokenize_prompts(prompts, images, questions)
+      seqs = self._tokenize_prompts(prompts, images, questions, self._suffix(chat))
     for i, (ids, _) in enumerate(seqs):
       if not len(ids):
         raise ValueError(f"example {i} has no tokens")
@@ -131,7 +133,17 @@ class VLM:
     pad = getattr(self.tokenizer, "pad_token_id", None) or 0
     return left_pad([ids for ids, _ in seqs], [roles for _, roles in seqs], pad_id=pad)
 
-  def _tokenize_prompts(self, prompts, images, questions) -> list[tuple[np.ndarray, np.ndarray]]:
+  def _suffix(self, chat: bool) -> str:
+    if not chat:
+      return ""
+    suffix = getattr(self.images, "chat_suffix", None)
+    if not suffix:
+      raise ValueError(f"chat=True is Chameleon's separator-token mode; for {self.config.family}, "
+                       "format the prompts with the checkpoint's chat template instead")
+    return suffix
+
+  def _tokenize_prompts(self, prompts, images, questions,
+                        suffix: str) -> list[tuple[np.ndarray, np.ndarray]]:
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer files; pass token_ids= instead")
     per_prompt = _images_per_prompt(images, len(prompts))
@@ -151,7 +163,7 @@ class VLM:
                          "checkpoint has no image tokenizer")
       prefix = self.images.prefix if self.images is not None else ""
       out.append(tokenize_prompt(self.tokenizer, prompt, spans[used:used + len(group)], index=i,
-                                 prefix=prefix, question=question))
+                                 prefix=prefix, suffix=suffix, question=question))
       used += len(group)
     return out
 

@@ -76,7 +76,7 @@ def _chameleon(swin_norm):
   processor = transformers.ChameleonProcessor(image_processor, tokenizer, image_seq_length=64)
   call = lambda images, text: processor(images=images, text=text, padding=True,  # noqa: E731
                                         return_for_text_completion=True, return_tensors="pt")
-  return config, tokenizer, image_processor, call
+  return config, tokenizer, image_processor, processor, call
 
 
 def _emu3():
@@ -88,7 +88,7 @@ def _emu3():
   processor = transformers.Emu3Processor(image_processor, tokenizer)
   call = lambda images, text: processor(images=images, text=text, padding=True,  # noqa: E731
                                         return_tensors="pt")
-  return config, tokenizer, image_processor, call
+  return config, tokenizer, image_processor, processor, call
 
 
 FAMILIES = {"chameleon": lambda: _chameleon(False), "chameleon_34b": lambda: _chameleon(True),
@@ -97,7 +97,7 @@ FAMILIES = {"chameleon": lambda: _chameleon(False), "chameleon_34b": lambda: _ch
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def native(request, tmp_path_factory):
-  config, tokenizer, image_processor, call = FAMILIES[request.param]()
+  config, tokenizer, image_processor, processor, call = FAMILIES[request.param]()
   tokenizer.padding_side = "left"
   hf_dir = tmp_path_factory.mktemp(request.param) / "hf"
   torch_model = R.build(config, hf_dir)
@@ -112,7 +112,8 @@ def native(request, tmp_path_factory):
   vlm = R.convert_and_load(hf_dir, ng_dir)
   batch = vlm.prepare(images=images, prompts=PROMPTS)
   return SimpleNamespace(name=request.param, vlm=vlm, torch=torch_model, batch=batch,
-                         inputs=theirs, tokenizer=tokenizer, config=config, ng_dir=ng_dir)
+                         inputs=theirs, tokenizer=tokenizer, config=config, ng_dir=ng_dir,
+                         processor=processor)
 
 
 def _image_positions(batch):
@@ -147,6 +148,20 @@ def test_token_ids_equal_the_processor_and_the_image_tokens(native):
   tokens = torch.cat([t.reshape(-1) for t in tokens]) if isinstance(tokens, list) else tokens
   np.testing.assert_array_equal(ids[image], tokens.reshape(-1).numpy())
   assert len(np.unique(ids[select("image", native.batch.roles)])) > 4  # codes vary
+
+
+def test_chameleon_chat_mode_equals_the_processor(native):
+  """chat=True ends each prompt with the separator token, as ChameleonProcessor's default mode."""
+  if not native.name.startswith("chameleon"):
+    with pytest.raises(ValueError, match="chat template"):
+      native.vlm.prepare(images=_images(), prompts=PROMPTS, chat=True)
+    return
+  batch = native.vlm.prepare(images=_images(), prompts=PROMPTS, chat=True)
+  theirs = native.processor(images=_images(), text=PROMPTS, padding=True, return_tensors="pt")
+  placeholder = native.tokenizer.convert_tokens_to_ids("<image>")
+  ids = np.where(_image_positions(batch), placeholder, np.asarray(batch.input_ids))
+  np.testing.assert_array_equal(ids, theirs["input_ids"].numpy())
+  assert (ids[:, -1] == native.tokenizer.sep_token_id).all()
 
 
 def test_roles(native):

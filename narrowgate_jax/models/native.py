@@ -75,6 +75,9 @@ class ChameleonImages:
   prefix = ""  # the tokenizer adds BOS itself
 
   def __init__(self, hf_config, params, tokenizer, processor_config: Optional[dict] = None):
+    # Chat mode ends every prompt with the separator token, as ChameleonProcessor does by default;
+    # the Narrow Gate study uses text-completion mode (no separator).
+    self.chat_suffix = getattr(tokenizer, "sep_token", None)
     self.config = chameleon_vq.ChameleonVQConfig.from_hf(hf_config.vq_config)
     self.params = params
     self.spec = im.ChameleonImageSpec.from_processor_config(processor_config or {})
@@ -105,6 +108,7 @@ class Emu3Images:
     self.eol_id = hf_config.vocabulary_map["<|extra_200|>"]
     self.table = emu3_vq.img2bpe_table(hf_config.vocabulary_map)
     self.prefix = tokenizer.bos_token or ""  # Emu3's processor writes BOS into the text
+    self.chat_suffix = None  # Emu3's chat format is its chat template: format prompts with it
 
   def spans(self, images: Sequence) -> list[ImageSpan]:
     pixels, sizes = im.pad_to_batch([im.emu3_pixels(image, self.spec) for image in images])
