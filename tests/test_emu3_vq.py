@@ -23,7 +23,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from narrowgate_jax.models import emu3_vq
+from narrowgate_jax.models import emu3_vq, vq_common
 
 CODEBOOK_SIZE = 16
 SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "<|extra_200|>": 4}
@@ -137,7 +137,7 @@ def _assert_codes_are_decisive(theirs: np.ndarray, ours: np.ndarray, codebook: n
   """
   exact = np.sum((theirs.astype(np.float64)[:, None] - codebook.astype(np.float64)[None]) ** 2,
                  axis=-1)  # [M, K]
-  ours_d = np.asarray(emu3_vq.code_distances(jnp.asarray(ours), jnp.asarray(codebook)))
+  ours_d = np.asarray(vq_common.code_distances(jnp.asarray(ours), jnp.asarray(codebook)))
   z, e = torch.from_numpy(theirs), torch.from_numpy(codebook)
   theirs_d = (torch.sum(z**2, dim=1, keepdim=True) + torch.sum(e**2, dim=1)
               - 2 * torch.matmul(z, e.transpose(0, 1))).numpy()  # Emu3VQVAEVectorQuantizer's

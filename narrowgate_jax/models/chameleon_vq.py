@@ -42,16 +42,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from narrowgate_jax.models import vq_common
 from narrowgate_jax.models.families import SAME, Layout
+from narrowgate_jax.models.vq_common import (GROUPS, PRECISION, Codebook, GroupNorm, ResnetBlock,
+                                             block_sources, conv_sources, nearest_codes,
+                                             norm_sources)
 
-GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, eps=1e-6) everywhere in the encoder
-GROUP_NORM_EPS = 1e-6
-PRECISION = jax.lax.Precision.HIGHEST
 HF_PREFIX = "model.vqmodel."  # where ChameleonForConditionalGeneration keeps the VQ-VAE
 
 # ---------------------------------------------------------------------------------- config
@@ -114,54 +114,6 @@ class ChameleonVQConfig:
 # --------------------------------------------------------------------------------- modules
 
 
-def _conv(features: int, kernel: int, name: str, stride: int = 1, padding: Any = None) -> nn.Conv:
-  """torch's Conv2d(k, stride, padding=k // 2) unless `padding` is given, in NHWC."""
-  if padding is None:
-    padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 precision=PRECISION, param_dtype=jnp.float32, name=name)
-
-
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm(32, C, eps=1e-6, affine=True) on x [B, Y, X, C] -> [B, Y, X, C].
-
-  Channel c belongs to group c // (C / 32) (contiguous groups, as torch). Biased variance over
-  (Y, X, channels of the group), taken as the mean of squared deviations (two passes; torch's
-  kernel is also numerically a two-pass/Welford one, unlike flax's fast E[x²] - E[x]² default).
-  """
-
-  @nn.compact
-  def __call__(self, x):
-    b, y, w, c = x.shape
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    grouped = x.reshape(b, y, w, GROUPS, c // GROUPS)
-    mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
-    normed = ((grouped - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(x.shape)
-    return normed * scale + bias
-
-
-class ResnetBlock(nn.Module):
-  """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x [B, Y, X, C_in] -> [B, Y, X, C_out].
-
-  The skip is a 1x1 conv ("nin_shortcut") when C_in != C_out: the encoder never builds
-  transformers' 3x3 `conv_shortcut` variant. Dropout is omitted (the model is frozen, eval only).
-  """
-
-  out_channels: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.silu(GroupNorm(name="norm1")(x))
-    h = _conv(self.out_channels, 3, "conv1")(h)
-    h = nn.silu(GroupNorm(name="norm2")(h))
-    h = _conv(self.out_channels, 3, "conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, "nin_shortcut")(x)
-    return x + h
-
-
 class AttnBlock(nn.Module):
   """Single-head self-attention over all pixels, x [B, Y, X, C] -> [B, Y, X, C].
 
@@ -173,11 +125,11 @@ class AttnBlock(nn.Module):
   def __call__(self, x):
     b, y, w, c = x.shape
     h = GroupNorm(name="norm")(x)
-    q, k, v = (_conv(c, 1, name)(h).reshape(b, y * w, c) for name in ("q", "k", "v"))
+    q, k, v = (vq_common.conv(c, (1, 1), name)(h).reshape(b, y * w, c) for name in ("q", "k", "v"))
     scores = jnp.einsum("BTC,BSC->BTS", q, k, precision=PRECISION) * (int(c) ** -0.5)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("BTS,BSC->BTC", probs, v, precision=PRECISION).reshape(b, y, w, c)
-    return x + _conv(c, 1, "proj_out")(out)
+    return x + vq_common.conv(c, (1, 1), "proj_out")(out)
 
 
 class DownLevel(nn.Module):
@@ -199,7 +151,7 @@ class DownLevel(nn.Module):
     if self.level != c.num_levels - 1:
       # torch pads right and bottom by one, then a VALID 3x3 stride-2 conv: Y' = Y // 2. A
       # symmetric ((1, 1), (1, 1)) padding would shift every output pixel by one input pixel.
-      x = _conv(channels, 3, "downsample", stride=2, padding=((0, 1), (0, 1)))(x)
+      x = vq_common.conv(channels, (3, 3), "downsample", (2, 2), ((0, 1), (0, 1)))(x)
     return x
 
 
@@ -225,36 +177,13 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, pixels):
     c = self.config
-    x = _conv(c.base_channels, 3, "conv_in")(pixels)
+    x = vq_common.conv(c.base_channels, (3, 3), "conv_in")(pixels)
     for level in range(c.num_levels):
       x = DownLevel(c, level, name=f"down_{level}")(x)
     x = Middle(c, name="mid")(x)
     x = nn.silu(GroupNorm(name="norm_out")(x))
     out_channels = 2 * c.latent_channels if c.double_latent else c.latent_channels
-    return _conv(out_channels, 3, "conv_out")(x)
-
-
-def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
-  """latents [M, E], codebook [N, E] -> int32 [M]: the nearest entry by squared distance.
-
-  Same formula and operation order as transformers (|z|² + |e|² - 2 z·e, argmin keeping the first
-  of equal minima), not |z - e|², so near-ties resolve the same way up to matmul round-off.
-  """
-  distances = (jnp.sum(latents**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)
-               - 2 * jnp.einsum("ME,NE->MN", latents, codebook, precision=PRECISION))
-  return jnp.argmin(distances, axis=1).astype(jnp.int32)
-
-
-class _Codebook(nn.Module):
-  """The quantiser's codebook, [num_embeddings, embed_dim] (transformers' quantize.embedding)."""
-
-  config: ChameleonVQConfig
-
-  @nn.compact
-  def __call__(self):
-    c = self.config
-    return self.param("embedding", nn.initializers.normal(1.0), (c.num_embeddings, c.embed_dim),
-                      jnp.float32)
+    return vq_common.conv(out_channels, (3, 3), "conv_out")(x)
 
 
 class ChameleonVQTokenizer(nn.Module):
@@ -271,8 +200,8 @@ class ChameleonVQTokenizer(nn.Module):
   def __call__(self, pixels):
     c = self.config
     hidden = Encoder(c, name="encoder")(pixels)
-    latents = _conv(c.embed_dim, 1, "quant_conv")(hidden)
-    codebook = _Codebook(c, name="quantize")()
+    latents = vq_common.conv(c.embed_dim, (1, 1), "quant_conv")(hidden)
+    codebook = Codebook(c.num_embeddings, c.embed_dim, name="quantize")()
     b, h, w, e = latents.shape
     codes = nearest_codes(latents.reshape(b * h * w, e), codebook).reshape(b, h * w)
     return {"hidden": hidden, "latents": latents, "codes": codes}
@@ -304,34 +233,10 @@ def vq_param_shapes(config: ChameleonVQConfig) -> dict:
 
 # --------------------------------------------------------------------------- checkpoint map
 
-# torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]; checkpoint rows (out
-# channels) fill our last axis.
-CONV = Layout("conv", 3, lambda ours: (ours[3], ours[2], ours[0], ours[1]),
-              lambda w, ours: w.transpose(2, 3, 1, 0))
-
-
-def _conv_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
-  return [(f"{ours}/kernel", f"{theirs}.weight", CONV), (f"{ours}/bias", f"{theirs}.bias", SAME)]
-
-
-def _norm_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
-  return [(f"{ours}/scale", f"{theirs}.weight", SAME), (f"{ours}/bias", f"{theirs}.bias", SAME)]
-
-
-def _block_sources(ours: str, theirs: str, has_shortcut: bool) -> list[tuple[str, str, Layout]]:
-  out = (_norm_sources(f"{ours}/norm1", f"{theirs}.norm1")
-         + _conv_sources(f"{ours}/conv1", f"{theirs}.conv1")
-         + _norm_sources(f"{ours}/norm2", f"{theirs}.norm2")
-         + _conv_sources(f"{ours}/conv2", f"{theirs}.conv2"))
-  if has_shortcut:
-    out += _conv_sources(f"{ours}/nin_shortcut", f"{theirs}.nin_shortcut")
-  return out
-
-
 def _attn_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
-  out = _norm_sources(f"{ours}/norm", f"{theirs}.norm")
+  out = norm_sources(f"{ours}/norm", f"{theirs}.norm")
   for name in ("q", "k", "v", "proj_out"):
-    out += _conv_sources(f"{ours}/{name}", f"{theirs}.{name}")
+    out += conv_sources(f"{ours}/{name}", f"{theirs}.{name}")
   return out
 
 
@@ -345,51 +250,35 @@ def vq_tensor_sources(config: ChameleonVQConfig,
   the table one tensor at a time.
   """
   enc = prefix + "encoder"
-  out = _conv_sources("encoder/conv_in", f"{enc}.conv_in")
+  out = conv_sources("encoder/conv_in", f"{enc}.conv_in")
   channels_in = config.base_channels
   for level, channels in enumerate(config.level_channels):
     for i in range(config.num_res_blocks):
-      out += _block_sources(f"encoder/down_{level}/block_{i}", f"{enc}.down.{level}.block.{i}",
+      out += block_sources(f"encoder/down_{level}/block_{i}", f"{enc}.down.{level}.block.{i}",
                             has_shortcut=channels_in != channels)
       channels_in = channels
       if config.level_has_attention(level):
         out += _attn_sources(f"encoder/down_{level}/attn_{i}", f"{enc}.down.{level}.attn.{i}")
     if level != config.num_levels - 1:
-      out += _conv_sources(f"encoder/down_{level}/downsample", f"{enc}.down.{level}.downsample.conv")
-  out += _block_sources("encoder/mid/block_1", f"{enc}.mid.block_1", has_shortcut=False)
+      out += conv_sources(f"encoder/down_{level}/downsample", f"{enc}.down.{level}.downsample.conv")
+  out += block_sources("encoder/mid/block_1", f"{enc}.mid.block_1", has_shortcut=False)
   if config.attn_type == "vanilla":
     out += _attn_sources("encoder/mid/attn_1", f"{enc}.mid.attn_1")
-  out += _block_sources("encoder/mid/block_2", f"{enc}.mid.block_2", has_shortcut=False)
-  out += _norm_sources("encoder/norm_out", f"{enc}.norm_out")
-  out += _conv_sources("encoder/conv_out", f"{enc}.conv_out")
-  out += _conv_sources("quant_conv", prefix + "quant_conv")
+  out += block_sources("encoder/mid/block_2", f"{enc}.mid.block_2", has_shortcut=False)
+  out += norm_sources("encoder/norm_out", f"{enc}.norm_out")
+  out += conv_sources("encoder/conv_out", f"{enc}.conv_out")
+  out += conv_sources("quant_conv", prefix + "quant_conv")
   out.append(("quantize/embedding", prefix + "quantize.embedding.weight", SAME))
   return out
 
 
 def params_from_state(config: ChameleonVQConfig, state: Mapping[str, Any],
                       prefix: str = HF_PREFIX) -> dict:
-  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
-  float32 numpy arrays. Keys outside the encode path (decoder, post_quant_conv, the LM) are ignored.
-
-  Raises KeyError naming a missing tensor, ValueError naming one whose shape differs from what
-  `config` implies.
-  """
-  shapes = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(vq_param_shapes(config))[0]}
-  flat = {}
-  for ours, key, layout in vq_tensor_sources(config, prefix):
-    if key not in state:
-      raise KeyError(f"state lacks tensor {key!r} (needed for parameter {ours})")
-    tensor = np.asarray(state[key], dtype=np.float32)
-    expected = tuple(layout.torch_shape(shapes[ours]))
-    if tensor.shape != expected:
-      raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
-                       f"{expected}")
-    flat[ours] = np.ascontiguousarray(layout.to_ours(tensor, shapes[ours]))
-  if set(flat) != set(shapes):  # the table and the module must describe the same tree
-    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
+  """A full-array torch state (key -> array) -> our params tree of float32 numpy arrays; keys
+  outside the encode path (decoder, post_quant_conv, the LM) are ignored. See
+  `vq_common.params_from_state` for the errors."""
+  return vq_common.params_from_state(vq_tensor_sources(config, prefix), vq_param_shapes(config),
+                                     state)
 
 
 # ------------------------------------------------------------------------------ BPE mapping

@@ -66,17 +66,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from narrowgate_jax.models import vq_common
 from narrowgate_jax.models.families import HEAD_BIAS, HEADS_IN, HEADS_OUT, SAME, Layout
+from narrowgate_jax.models.vq_common import (CONV3D, GROUPS, PRECISION, Codebook, GroupNorm,
+                                             ResnetBlock, block_sources, conv_sources,
+                                             nearest_codes, norm_sources)
 
-GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, eps=1e-6) everywhere in the encoder
-GROUP_NORM_EPS = 1e-6
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm3d's default, used by the temporal resnet blocks
-PRECISION = jax.lax.Precision.HIGHEST
 # Where the VQ-VAE sits: transformers' conversion mapping for "emu3" renames the files' "vqmodel.*"
 # to "model.vqmodel.*" on load and back on save_pretrained, so files (ours from save_pretrained,
 # and so presumably the Hub's Emu3-*-hf) have the former and a loaded model's state_dict() the
@@ -168,15 +168,6 @@ class Emu3VQConfig:
 # --------------------------------------------------------------------------------- modules
 
 
-def _conv(features: int, kernel: tuple[int, ...], name: str, strides: tuple[int, ...] | None = None,
-          padding: Any = None) -> nn.Conv:
-  """A channels-last conv of any rank; padding k // 2 on each side unless given."""
-  if padding is None:
-    padding = tuple((k // 2, k // 2) for k in kernel)
-  return nn.Conv(features, kernel, strides=strides or (1,) * len(kernel), padding=padding,
-                 precision=PRECISION, param_dtype=jnp.float32, name=name)
-
-
 def causal_padding(kernel: tuple[int, int, int], strides: tuple[int, int, int]) -> tuple:
   """`Emu3VQVAEConv3d`'s padding as ((t0, t1), (y0, y1), (x0, x1)): 2 frames before and none
   after whatever the temporal kernel, and k - s on each spatial axis, the odd one before."""
@@ -190,27 +181,7 @@ def causal_padding(kernel: tuple[int, int, int], strides: tuple[int, int, int]) 
 def _conv3d(features: int, kernel: tuple[int, int, int], name: str,
             strides: tuple[int, int, int] = (1, 1, 1)) -> nn.Conv:
   """transformers' Emu3VQVAEConv3d on x [B, T, Y, X, C]."""
-  return _conv(features, kernel, name, strides, causal_padding(kernel, strides))
-
-
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm(32, C, eps=1e-6, affine=True) on x [B, Y, X, C] -> [B, Y, X, C].
-
-  Channel c belongs to group c // (C / 32) (contiguous groups, as torch). Biased variance over
-  (Y, X, channels of the group), taken as the mean of squared deviations (two passes, like
-  torch's kernel; flax's nn.GroupNorm defaults to the less exact E[x²] - E[x]²).
-  """
-
-  @nn.compact
-  def __call__(self, x):
-    b, y, w, c = x.shape
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    grouped = x.reshape(b, y, w, GROUPS, c // GROUPS)
-    mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
-    normed = ((grouped - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(x.shape)
-    return normed * scale + bias
+  return vq_common.conv(features, kernel, name, strides, causal_padding(kernel, strides))
 
 
 class FrozenBatchNorm(nn.Module):
@@ -229,26 +200,6 @@ class FrozenBatchNorm(nn.Module):
     mean = self.param("mean", nn.initializers.zeros, (c,), jnp.float32)
     var = self.param("var", nn.initializers.ones, (c,), jnp.float32)
     return (x - mean) * jax.lax.rsqrt(var + BATCH_NORM_EPS) * scale + bias
-
-
-class ResnetBlock(nn.Module):
-  """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x [B, Y, X, C_in] -> [B, Y, X, C_out].
-
-  The skip is a 1x1 conv ("nin_shortcut") when C_in != C_out. Dropout does not exist in Emu3's
-  encoder blocks.
-  """
-
-  out_channels: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.silu(GroupNorm(name="norm1")(x))
-    h = _conv(self.out_channels, (3, 3), "conv1")(h)
-    h = nn.silu(GroupNorm(name="norm2")(h))
-    h = _conv(self.out_channels, (3, 3), "conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, (1, 1), "nin_shortcut")(x)
-    return x + h
 
 
 class AttentionBlock(nn.Module):
@@ -296,7 +247,7 @@ class DownLevel(nn.Module):
     if self.level != c.num_levels - 1:
       # torch pads right and bottom by one, then a VALID 3x3 stride-2 conv: Y' = Y // 2. A
       # symmetric ((1, 1), (1, 1)) padding would shift every output pixel by one input pixel.
-      x = _conv(channels, (3, 3), "downsample", (2, 2), ((0, 1), (0, 1)))(x)
+      x = vq_common.conv(channels, (3, 3), "downsample", (2, 2), ((0, 1), (0, 1)))(x)
     return x
 
 
@@ -344,46 +295,18 @@ class Encoder(nn.Module):
     c = self.config
     b, f = frames.shape[:2]
     x = frames.reshape(b * f, *frames.shape[2:])
-    x = _conv(c.base_channels, (3, 3), "conv_in")(x)
+    x = vq_common.conv(c.base_channels, (3, 3), "conv_in")(x)
     for level in range(c.num_levels):
       x = DownLevel(c, level, name=f"down_{level}")(x)
     x = Middle(c, name="middle")(x)
     x = nn.silu(GroupNorm(name="norm_out")(x))
-    x = _conv(c.latent_channels, (3, 3), "conv_out")(x)
+    x = vq_common.conv(c.latent_channels, (3, 3), "conv_out")(x)
     x = jnp.repeat(x.reshape(b, f, *x.shape[1:]), self.repeat, axis=1)  # [B, T, Y, X, Z]
     for j in range(c.num_temporal_downsamples):
       x = nn.silu(_conv3d(c.latent_channels, (4, 3, 3), f"time_conv_{j}", (2, 1, 1))(x))
     for i in range(c.num_res_blocks):
       x = TemporalResnetBlock(name=f"time_res_{i}")(x)
     return x
-
-
-def code_distances(latents: jax.Array, codebook: jax.Array) -> jax.Array:
-  """latents [M, E], codebook [K, E] -> squared distances [M, K] float32.
-
-  Same formula and operation order as transformers (|z|² + |e|² - 2 z·e), not |z - e|², so
-  near-ties resolve the same way up to matmul round-off.
-  """
-  return (jnp.sum(latents**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)
-          - 2 * jnp.einsum("ME,KE->MK", latents, codebook, precision=PRECISION))
-
-
-def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
-  """latents [M, E], codebook [K, E] -> int32 [M]: the nearest entry (the first of equal minima,
-  as torch.argmin)."""
-  return jnp.argmin(code_distances(latents, codebook), axis=1).astype(jnp.int32)
-
-
-class _Codebook(nn.Module):
-  """The quantiser's codebook, [codebook_size, embed_dim] (transformers' quantize.embedding)."""
-
-  config: Emu3VQConfig
-
-  @nn.compact
-  def __call__(self):
-    c = self.config
-    return self.param("embedding", nn.initializers.normal(1.0), (c.codebook_size, c.embed_dim),
-                      jnp.float32)
 
 
 class Emu3VQTokenizer(nn.Module):
@@ -404,7 +327,7 @@ class Emu3VQTokenizer(nn.Module):
     c = self.config
     hidden = Encoder(c, self.repeat, name="encoder")(frames)
     latents = _conv3d(c.embed_dim, (3, 1, 1), "quant_conv")(hidden)
-    codebook = _Codebook(c, name="quantize")()
+    codebook = Codebook(c.codebook_size, c.embed_dim, name="quantize")()
     codes = nearest_codes(latents.reshape(-1, c.embed_dim), codebook)
     return {"hidden": hidden, "latents": latents, "codes": codes.reshape(latents.shape[:-1])}
 
@@ -465,36 +388,9 @@ def vq_param_shapes(config: Emu3VQConfig) -> dict:
 
 # --------------------------------------------------------------------------- checkpoint map
 
-# torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]; checkpoint rows (out
-# channels) fill our last axis.
-CONV2D = Layout("conv2d", 3, lambda ours: (ours[3], ours[2], ours[0], ours[1]),
-                lambda w, ours: w.transpose(2, 3, 1, 0))
-# torch Conv3d weight [out, in, kt, kh, kw] -> flax kernel [kt, kh, kw, in, out].
-CONV3D = Layout("conv3d", 4, lambda ours: (ours[4], ours[3], ours[0], ours[1], ours[2]),
-                lambda w, ours: w.transpose(2, 3, 4, 1, 0))
-
-
-def _conv_sources(ours: str, theirs: str, layout: Layout = CONV2D) -> list[tuple[str, str, Layout]]:
-  return [(f"{ours}/kernel", f"{theirs}.weight", layout), (f"{ours}/bias", f"{theirs}.bias", SAME)]
-
-
-def _norm_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
-  return [(f"{ours}/scale", f"{theirs}.weight", SAME), (f"{ours}/bias", f"{theirs}.bias", SAME)]
-
-
-def _block_sources(ours: str, theirs: str, has_shortcut: bool) -> list[tuple[str, str, Layout]]:
-  out = (_norm_sources(f"{ours}/norm1", f"{theirs}.norm1")
-         + _conv_sources(f"{ours}/conv1", f"{theirs}.conv1")
-         + _norm_sources(f"{ours}/norm2", f"{theirs}.norm2")
-         + _conv_sources(f"{ours}/conv2", f"{theirs}.conv2"))
-  if has_shortcut:
-    out += _conv_sources(f"{ours}/nin_shortcut", f"{theirs}.nin_shortcut")
-  return out
-
-
 def _attn_sources(ours: str, theirs: str, norm: str) -> list[tuple[str, str, Layout]]:
   """`norm` is the group norm's key: transformers keeps it beside the attention module."""
-  out = _norm_sources(f"{ours}/norm", norm)
+  out = norm_sources(f"{ours}/norm", norm)
   for name in "qkv":
     out += [(f"{ours}/{name}/kernel", f"{theirs}.{name}_proj.weight", HEADS_OUT),
             (f"{ours}/{name}/bias", f"{theirs}.{name}_proj.bias", HEAD_BIAS)]
@@ -502,13 +398,13 @@ def _attn_sources(ours: str, theirs: str, norm: str) -> list[tuple[str, str, Lay
                 (f"{ours}/o/bias", f"{theirs}.out_proj.bias", SAME)]
 
 
-def _temporal_block_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
+def _temporalblock_sources(ours: str, theirs: str) -> list[tuple[str, str, Layout]]:
   out = []
   for i in (1, 2):
-    out += _norm_sources(f"{ours}/norm{i}", f"{theirs}.norm{i}")
+    out += norm_sources(f"{ours}/norm{i}", f"{theirs}.norm{i}")
     out += [(f"{ours}/norm{i}/mean", f"{theirs}.norm{i}.running_mean", SAME),
             (f"{ours}/norm{i}/var", f"{theirs}.norm{i}.running_var", SAME)]
-    out += _conv_sources(f"{ours}/conv{i}", f"{theirs}.conv{i}.conv", CONV3D)
+    out += conv_sources(f"{ours}/conv{i}", f"{theirs}.conv{i}.conv", CONV3D)
   return out
 
 
@@ -524,29 +420,29 @@ def vq_tensor_sources(config: Emu3VQConfig,
   """
   enc = prefix + "encoder"
   down = f"{enc}.down_block.down"
-  out = _conv_sources("encoder/conv_in", f"{enc}.conv_in")
+  out = conv_sources("encoder/conv_in", f"{enc}.conv_in")
   channels_in = config.base_channels
   for level, channels in enumerate(config.level_channels):
     for i in range(config.num_res_blocks):
-      out += _block_sources(f"encoder/down_{level}/block_{i}", f"{down}.{level}.block.{i}",
+      out += block_sources(f"encoder/down_{level}/block_{i}", f"{down}.{level}.block.{i}",
                             has_shortcut=channels_in != channels)
       channels_in = channels
       if config.level_has_attention(level):
         out += _attn_sources(f"encoder/down_{level}/attn_{i}", f"{down}.{level}.attn.{i}",
                              norm=f"{down}.{level}.attn_norms.{i}")
     if level != config.num_levels - 1:
-      out += _conv_sources(f"encoder/down_{level}/downsample", f"{down}.{level}.downsample.conv")
+      out += conv_sources(f"encoder/down_{level}/downsample", f"{down}.{level}.downsample.conv")
   mid = f"{enc}.middle_block"
-  out += _block_sources("encoder/middle/block_1", f"{mid}.block_1", has_shortcut=False)
+  out += block_sources("encoder/middle/block_1", f"{mid}.block_1", has_shortcut=False)
   out += _attn_sources("encoder/middle/attn", f"{mid}.attn_1", norm=f"{mid}.attn_norm")
-  out += _block_sources("encoder/middle/block_2", f"{mid}.block_2", has_shortcut=False)
-  out += _norm_sources("encoder/norm_out", f"{enc}.norm_out")
-  out += _conv_sources("encoder/conv_out", f"{enc}.conv_out")
+  out += block_sources("encoder/middle/block_2", f"{mid}.block_2", has_shortcut=False)
+  out += norm_sources("encoder/norm_out", f"{enc}.norm_out")
+  out += conv_sources("encoder/conv_out", f"{enc}.conv_out")
   for j in range(config.num_temporal_downsamples):
-    out += _conv_sources(f"encoder/time_conv_{j}", f"{enc}.time_conv.{j}.conv.conv", CONV3D)
+    out += conv_sources(f"encoder/time_conv_{j}", f"{enc}.time_conv.{j}.conv.conv", CONV3D)
   for i in range(config.num_res_blocks):
-    out += _temporal_block_sources(f"encoder/time_res_{i}", f"{enc}.time_res_stack.{i}")
-  out += _conv_sources("quant_conv", prefix + "quant_conv.conv", CONV3D)
+    out += _temporalblock_sources(f"encoder/time_res_{i}", f"{enc}.time_res_stack.{i}")
+  out += conv_sources("quant_conv", prefix + "quant_conv.conv", CONV3D)
   out.append(("quantize/embedding", prefix + "quantize.embedding.weight", SAME))
   return out
 
@@ -562,29 +458,12 @@ def find_prefix(state: Mapping[str, Any]) -> str:
 
 def params_from_state(config: Emu3VQConfig, state: Mapping[str, Any],
                       prefix: str | None = None) -> dict:
-  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
-  float32 numpy arrays. `prefix` defaults to the one `state` has (see `vq_tensor_sources`).
-  Keys outside the encode path (decoder, post_quant_conv, the LM) are ignored.
-
-  Raises KeyError naming a missing tensor, ValueError naming one whose shape differs from what
-  `config` implies.
-  """
+  """A full-array torch state (key -> array) -> our params tree of float32 numpy arrays.
+  `prefix` defaults to the one `state` has (see `vq_tensor_sources`); keys outside the encode path
+  (decoder, post_quant_conv, the LM) are ignored. See `vq_common.params_from_state` for errors."""
   prefix = find_prefix(state) if prefix is None else prefix
-  shapes = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(vq_param_shapes(config))[0]}
-  flat = {}
-  for ours, key, layout in vq_tensor_sources(config, prefix):
-    if key not in state:
-      raise KeyError(f"state lacks tensor {key!r} (needed for parameter {ours})")
-    tensor = np.asarray(state[key], dtype=np.float32)
-    expected = tuple(layout.torch_shape(shapes[ours]))
-    if tensor.shape != expected:
-      raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
-                       f"{expected}")
-    flat[ours] = np.ascontiguousarray(layout.to_ours(tensor, shapes[ours]))
-  if set(flat) != set(shapes):  # the table and the module must describe the same tree
-    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
+  return vq_common.params_from_state(vq_tensor_sources(config, prefix), vq_param_shapes(config),
+                                     state)
 
 
 # ------------------------------------------------------------------------------ BPE mapping

@@ -1,0 +1,158 @@
+"""Building blocks shared by the VQ image tokenizers (Chameleon's VQ-GAN, Emu3's VQ-VAE).
+
+Channels-last throughout (flax convolutions are NHWC). Everything runs in float32 at
+`Precision.HIGHEST`: codes are an argmin, so a reduced-precision matmul (bf16 passes on TPU, TF32
+on GPU) could flip a code against the float32 reference, and the encoder runs once per image.
+
+Axis legend: B batch · Y, X grid rows, columns · C channels · M flattened latent positions ·
+E code width · N codebook entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from narrowgate_jax.models.families import SAME, Layout
+
+PRECISION = jax.lax.Precision.HIGHEST
+GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, ...) in both encoders
+GROUP_NORM_EPS = 1e-6
+
+
+def conv(features: int, kernel: tuple[int, ...], name: str, strides: tuple[int, ...] | None = None,
+         padding: Any = None) -> nn.Conv:
+  """A channels-last conv of any rank; padding k // 2 on each side unless given (torch's
+  Conv2d(k, padding=k // 2))."""
+  if padding is None:
+    padding = tuple((k // 2, k // 2) for k in kernel)
+  return nn.Conv(features, kernel, strides=strides or (1,) * len(kernel), padding=padding,
+                 precision=PRECISION, param_dtype=jnp.float32, name=name)
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm(32, C, eps=1e-6, affine=True) on x [B, Y, X, C] -> [B, Y, X, C].
+
+  Channel c belongs to group c // (C / 32) (contiguous groups, as torch). Biased variance over
+  (Y, X, channels of the group), taken as the mean of squared deviations (two passes, like
+  torch's kernel; flax's nn.GroupNorm defaults to the less exact E[x²] - E[x]²).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    b, y, w, c = x.shape
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    grouped = x.reshape(b, y, w, GROUPS, c // GROUPS)
+    mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(grouped - mean), axis=(1, 2, 4), keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(x.shape)
+    return normed * scale + bias
+
+
+class ResnetBlock(nn.Module):
+  """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), x [B, Y, X, C_in] -> [B, Y, X, C_out].
+
+  The skip is a 1x1 conv ("nin_shortcut") when C_in != C_out: neither encoder builds
+  transformers' 3x3 `conv_shortcut` variant. No dropout: the tokenizers are frozen.
+  """
+
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.silu(GroupNorm(name="norm1")(x))
+    h = conv(self.out_channels, (3, 3), "conv1")(h)
+    h = nn.silu(GroupNorm(name="norm2")(h))
+    h = conv(self.out_channels, (3, 3), "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, (1, 1), "nin_shortcut")(x)
+    return x + h
+
+
+def code_distances(latents: jax.Array, codebook: jax.Array) -> jax.Array:
+  """latents [M, E], codebook [N, E] -> squared distances [M, N] float32.
+
+  Same formula and operation order as transformers (|z|² + |e|² - 2 z·e), not |z - e|², so
+  near-ties resolve the same way up to matmul round-off.
+  """
+  return (jnp.sum(latents**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)
+          - 2 * jnp.einsum("ME,NE->MN", latents, codebook, precision=PRECISION))
+
+
+def nearest_codes(latents: jax.Array, codebook: jax.Array) -> jax.Array:
+  """latents [M, E], codebook [N, E] -> int32 [M]: the nearest entry (the first of equal minima,
+  as torch.argmin)."""
+  return jnp.argmin(code_distances(latents, codebook), axis=1).astype(jnp.int32)
+
+
+class Codebook(nn.Module):
+  """The quantiser's codebook [size, dim] (transformers' quantize.embedding)."""
+
+  size: int
+  dim: int
+
+  @nn.compact
+  def __call__(self):
+    return self.param("embedding", nn.initializers.normal(1.0), (self.size, self.dim), jnp.float32)
+
+
+# --------------------------------------------------------------------------- checkpoint maps
+
+# torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]; checkpoint rows (out
+# channels) fill our last axis.
+CONV2D = Layout("conv2d", 3, lambda ours: (ours[3], ours[2], ours[0], ours[1]),
+                lambda w, ours: w.transpose(2, 3, 1, 0))
+# torch Conv3d weight [out, in, kt, kh, kw] -> flax kernel [kt, kh, kw, in, out].
+CONV3D = Layout("conv3d", 4, lambda ours: (ours[4], ours[3], ours[0], ours[1], ours[2]),
+                lambda w, ours: w.transpose(2, 3, 4, 1, 0))
+
+Sources = list[tuple[str, str, Layout]]  # (our "/"-joined path, checkpoint key, layout)
+
+
+def conv_sources(ours: str, theirs: str, layout: Layout = CONV2D) -> Sources:
+  return [(f"{ours}/kernel", f"{theirs}.weight", layout), (f"{ours}/bias", f"{theirs}.bias", SAME)]
+
+
+def norm_sources(ours: str, theirs: str) -> Sources:
+  return [(f"{ours}/scale", f"{theirs}.weight", SAME), (f"{ours}/bias", f"{theirs}.bias", SAME)]
+
+
+def block_sources(ours: str, theirs: str, has_shortcut: bool) -> Sources:
+  out = (norm_sources(f"{ours}/norm1", f"{theirs}.norm1")
+         + conv_sources(f"{ours}/conv1", f"{theirs}.conv1")
+         + norm_sources(f"{ours}/norm2", f"{theirs}.norm2")
+         + conv_sources(f"{ours}/conv2", f"{theirs}.conv2"))
+  if has_shortcut:
+    out += conv_sources(f"{ours}/nin_shortcut", f"{theirs}.nin_shortcut")
+  return out
+
+
+def params_from_state(sources: Sequence[tuple[str, str, Layout]], shape_tree,
+                      state: Mapping[str, Any]) -> dict:
+  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
+  float32 numpy arrays, through `sources`. Keys the table does not name are ignored.
+
+  Raises KeyError naming a missing tensor, ValueError naming one whose shape differs from what
+  the config implies, AssertionError if the table misses a parameter of `shape_tree`.
+  """
+  shapes = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(shape_tree)[0]}
+  flat = {}
+  for ours, key, layout in sources:
+    if key not in state:
+      raise KeyError(f"state lacks tensor {key!r} (needed for parameter {ours})")
+    tensor = np.asarray(state[key], dtype=np.float32)
+    expected = tuple(layout.torch_shape(shapes[ours]))
+    if tensor.shape != expected:
+      raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
+                       f"{expected}")
+    flat[ours] = np.ascontiguousarray(layout.to_ours(tensor, shapes[ours]))
+  if set(flat) != set(shapes):  # the table and the module must describe the same tree
+    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
