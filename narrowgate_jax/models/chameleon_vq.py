@@ -58,7 +58,7 @@ HF_PREFIX = "model.vqmodel."  # where ChameleonForConditionalGeneration keeps th
 
 
 @dataclasses.dataclass(frozen=True)
-class ChameleonVQConfig:
+class ChameleonVQConfig(vq_common.LevelsConfig):
   """The encoder's hyper-parameters (transformers' ChameleonVQVAEConfig, encode-path fields).
 
   Hashable, so it can be a static jit argument. `resolution` is not the input size: it is the
@@ -84,25 +84,6 @@ class ChameleonVQConfig:
         raise ValueError(f"channel count {c} (base_channels={self.base_channels} x "
                          f"channel_multiplier={self.channel_multiplier}) is not a multiple of "
                          f"{GROUPS}, as GroupNorm({GROUPS}) needs")
-
-  @classmethod
-  def from_hf(cls, vq_config: Any) -> ChameleonVQConfig:
-    """From a transformers ChameleonVQVAEConfig (or its dict form, as in config.json)."""
-    get = (vq_config.get if isinstance(vq_config, Mapping)
-           else lambda name, default=None: getattr(vq_config, name, default))
-    fields = {f.name: get(f.name, f.default) for f in dataclasses.fields(cls)}
-    fields["channel_multiplier"] = tuple(int(m) for m in fields["channel_multiplier"])
-    fields["attn_resolutions"] = tuple(int(r) for r in (fields["attn_resolutions"] or ()))
-    return cls(**fields)
-
-  @property
-  def num_levels(self) -> int:
-    return len(self.channel_multiplier)
-
-  @property
-  def level_channels(self) -> tuple[int, ...]:
-    """C_l: the output channels of each level's blocks."""
-    return tuple(self.base_channels * m for m in self.channel_multiplier)
 
   def level_has_attention(self, level: int) -> bool:
     """Whether level `level`'s blocks are each followed by an attention block (transformers'

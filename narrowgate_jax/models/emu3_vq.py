@@ -90,7 +90,7 @@ EOL_TOKEN = "<|extra_200|>"  # appended after every row of image tokens
 
 
 @dataclasses.dataclass(frozen=True)
-class Emu3VQConfig:
+class Emu3VQConfig(vq_common.LevelsConfig):
   """The encoder's hyper-parameters (transformers' Emu3VQVAEConfig, encode-path fields).
 
   Hashable, so it can be a static jit argument. `attn_resolutions` lists level indices.
@@ -131,25 +131,6 @@ class Emu3VQConfig:
       # the encoder would output 2 * latent_channels, but quant_conv takes latent_channels:
       # transformers' own encode cannot run such a config either.
       raise ValueError("double_latent=True is not supported (quant_conv takes latent_channels)")
-
-  @classmethod
-  def from_hf(cls, vq_config: Any) -> Emu3VQConfig:
-    """From a transformers Emu3VQVAEConfig (or its dict form, as in config.json's vq_config)."""
-    get = (vq_config.get if isinstance(vq_config, Mapping)
-           else lambda name, default=None: getattr(vq_config, name, default))
-    fields = {f.name: get(f.name, f.default) for f in dataclasses.fields(cls)}
-    fields["channel_multiplier"] = tuple(int(m) for m in fields["channel_multiplier"])
-    fields["attn_resolutions"] = tuple(int(r) for r in (fields["attn_resolutions"] or ()))
-    return cls(**fields)
-
-  @property
-  def num_levels(self) -> int:
-    return len(self.channel_multiplier)
-
-  @property
-  def level_channels(self) -> tuple[int, ...]:
-    """C_l: the output channels of each level's blocks."""
-    return tuple(self.base_channels * m for m in self.channel_multiplier)
 
   @property
   def spatial_factor(self) -> int:

@@ -10,6 +10,7 @@ E code width · N codebook entries.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -23,6 +24,30 @@ from narrowgate_jax.models.families import SAME, Layout
 PRECISION = jax.lax.Precision.HIGHEST
 GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, ...) in both encoders
 GROUP_NORM_EPS = 1e-6
+
+
+class LevelsConfig:
+  """What the VQ encoder configs share (mixed into their frozen dataclasses): reading the
+  transformers config, and the resolution levels (`base_channels`, `channel_multiplier`)."""
+
+  @classmethod
+  def from_hf(cls, vq_config: Any):
+    """From the transformers VQ config object, or its dict form (config.json's vq_config)."""
+    get = (vq_config.get if isinstance(vq_config, Mapping)
+           else lambda name, default=None: getattr(vq_config, name, default))
+    fields = {f.name: get(f.name, f.default) for f in dataclasses.fields(cls)}
+    fields["channel_multiplier"] = tuple(int(m) for m in fields["channel_multiplier"])
+    fields["attn_resolutions"] = tuple(int(r) for r in (fields["attn_resolutions"] or ()))
+    return cls(**fields)
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.channel_multiplier)
+
+  @property
+  def level_channels(self) -> tuple[int, ...]:
+    """C_l: the output channels of each level's blocks."""
+    return tuple(self.base_channels * m for m in self.channel_multiplier)
 
 
 def conv(features: int, kernel: tuple[int, ...], name: str, strides: tuple[int, ...] | None = None,
