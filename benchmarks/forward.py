@@ -377,7 +377,7 @@ def main(argv=None) -> dict:
     torch_model = torch_model.to(torch.bfloat16)
 
   ids = token_ids(args)
-  batch = vlm.prepare(token_ids=ids, add_bos=False)
+  batch = vlm.prepare(token_ids=ids)
   torch_ids = torch.as_tensor(np.asarray(batch.input_ids), dtype=torch.long)
   torch_mask = torch.as_tensor(np.asarray(batch.attention_mask), dtype=torch.long)
 

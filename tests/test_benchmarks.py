@@ -1,0 +1,42 @@
+"""The benchmark scripts still run (at toy sizes) and report agreement with transformers.
+
+Their timings are not tested (tests check correctness, not time); this only keeps the scripts
+working as the library changes, and checks that both sides computed the same thing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_LM = ["--hidden", "64", "--layers", "1", "--heads", "4", "--kv_heads", "2",
+           "--intermediate", "96", "--vocab", "300", "--repeats", "1"]
+
+
+def _run(script, args, tmp_path):
+  out = tmp_path / "result.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args,
+                         "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_forward_benchmark_runs(tmp_path):
+  stdout, _ = _run("forward.py", TINY_LM + ["--tokens", "32", "--settings", "logits,+resid+attn"],
+                   tmp_path)
+  assert "ratio" in stdout and "logits" in stdout
+
+
+@pytest.mark.parametrize("family", ["chameleon", "emu3"])
+def test_native_benchmark_runs_and_agrees(family, tmp_path):
+  args = TINY_LM + ["--family", family, "--batch", "1", "--codebook", "64", "--vq_channels", "32",
+                    "--vq_blocks", "1", "--image_side", "32", "--settings", "prepare,logits",
+                    "--no-breakdown"]
+  _, result = _run("native.py", args, tmp_path)
+  prepare, logits = result["results"]["prepare"]["agreement"], result["results"]["logits"]["agreement"]
+  assert prepare["prompt_ids_equal"] and prepare["image_ids_equal"]
+  assert logits["suppressed_equal"] and logits["logits"] < 1e-4
