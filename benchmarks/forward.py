@@ -323,6 +323,10 @@ def print_report(results: dict, meta: dict) -> None:
           f"{_fmt_mib(t['peak_rss_mib']):>14} | {_fmt_mib(o['peak_rss_mib']):>6} | {errs}")
   print("1st call: the excluded warm-up (ours includes trace, lower and compile). peak MiB: the "
         "resident-set high-water mark above the resident set before a timed call (max over calls)")
+  print_load_note(meta)
+
+
+def print_load_note(meta: dict) -> None:
   load = meta["load_average"]
   if max(load) > meta["cores"] + 0.5:
     print(f"note: the 1-minute load average reached {max(load):.1f} on this {meta['cores']}-core "
@@ -330,12 +334,19 @@ def print_report(results: dict, meta: dict) -> None:
           "steadier numbers")
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
-  threads = restrict_cores(args.threads)
+def start_process(threads: int | None) -> int:
+  """Pins the process to `threads` cores and keeps JAX on the CPU and the hub offline; call
+  before jax, torch or transformers are imported. Returns the number of cores used."""
+  threads = restrict_cores(threads)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  return threads
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  threads = start_process(args.threads)
 
   import jax
   import numpy as np

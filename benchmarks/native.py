@@ -83,8 +83,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (CompileTimes, PeakRSS, _fmt_mib, relative_error,  # noqa: E402
-                                restrict_cores, summary)
+from benchmarks.forward import (CompileTimes, PeakRSS, _fmt_mib, print_load_note,  # noqa: E402
+                                relative_error, start_process, summary)
+
 
 SETTINGS = ("prepare", "logits", "+resid+attn")
 STAGES = ("pixels", "VQ encoder", "LM forward")
@@ -447,11 +448,7 @@ def print_report(results: dict, stages: dict, meta: dict) -> None:
       o = r["ours"]
       print(f"{name:<13}| {o['trace_s'] + o['lower_s']:>13.2f} | {o['compile_s']:>13.2f} | "
             f"{_fmt_agreement(r['agreement']) or '-'}")
-  load = meta["load_average"]
-  if max(load) > meta["cores"] + 0.5:
-    print(f"note: the 1-minute load average reached {max(load):.1f} on this {meta['cores']}-core "
-          "machine while this ran: other processes competed for the cores, so the mins are the "
-          "steadier numbers")
+  print_load_note(meta)
 
 
 # ------------------------------------------------------------------------------- main
@@ -459,10 +456,7 @@ def print_report(results: dict, stages: dict, meta: dict) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  threads = restrict_cores(args.threads)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  threads = start_process(args.threads)
 
   import jax
   import numpy as np
