@@ -286,12 +286,9 @@ def _fmt_mib(x) -> str:
   return "-" if x is None else f"{x:,.0f}"
 
 
-def print_report(results: dict, meta: dict) -> None:
-  print()
-  print(f"forward: {meta['model']}; batch {meta['batch']} x {meta['tokens']} tokens, "
-        f"{meta['dtype']}, {meta['threads']} thread(s), {meta['repeats']} timed calls each "
-        f"(median, min in parentheses)")
-  header = f"{'setting':<13}| {'torch ms':>19} | {'ours ms':>19} | {'ratio':>14}"
+def print_time_table(title: str, results: dict) -> None:
+  """setting | torch ms | ours ms | ratio, median with min in parentheses."""
+  header = f"{title:<13}| {'torch ms':>19} | {'ours ms':>19} | {'ratio':>14}"
   print(header)
   print("-" * len(header))
   for name, r in results.items():
@@ -299,6 +296,12 @@ def print_report(results: dict, meta: dict) -> None:
     print(f"{name:<13}| {t['median_ms']:>9.1f} ({t['min_ms']:>7.1f}) | "
           f"{o['median_ms']:>9.1f} ({o['min_ms']:>7.1f}) | "
           f"{r['ratio_median']:>5.2f}x ({r['ratio_min']:.2f}x)")
+
+
+def print_timing_tables(results: dict, last_column: str, describe) -> None:
+  """The wall-time, CPU-time and compile/memory tables; `describe(result)` fills the last column
+  of the third (how far the two implementations agree)."""
+  print_time_table("setting", results)
   print("ratio = torch time / our time (> 1: ours is faster)")
   print()
   header = f"{'setting':<13}| {'torch CPU ms':>12} | {'ours CPU ms':>11} | {'ratio':>6}"
@@ -312,15 +315,23 @@ def print_report(results: dict, meta: dict) -> None:
   print()
   header = (f"{'setting':<13}| {'trace+lower s':>13} | {'XLA compile s':>13} | "
             f"{'1st call ms torch':>17} | {'ours':>8} | {'peak MiB torch':>14} | {'ours':>6} | "
-            "max rel err vs torch")
+            + last_column)
   print(header)
   print("-" * len(header))
   for name, r in results.items():
     t, o = r["torch"], r["ours"]
-    errs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_error"].items())
     print(f"{name:<13}| {o['trace_s'] + o['lower_s']:>13.2f} | {o['compile_s']:>13.2f} | "
           f"{t['first_call_ms']:>17.0f} | {o['first_call_ms']:>8.0f} | "
-          f"{_fmt_mib(t['peak_rss_mib']):>14} | {_fmt_mib(o['peak_rss_mib']):>6} | {errs}")
+          f"{_fmt_mib(t['peak_rss_mib']):>14} | {_fmt_mib(o['peak_rss_mib']):>6} | {describe(r)}")
+
+
+def print_report(results: dict, meta: dict) -> None:
+  print()
+  print(f"forward: {meta['model']}; batch {meta['batch']} x {meta['tokens']} tokens, "
+        f"{meta['dtype']}, {meta['threads']} thread(s), {meta['repeats']} timed calls each "
+        f"(median, min in parentheses)")
+  print_timing_tables(results, "max rel err vs torch", lambda r: ", ".join(
+      f"{k} {v:.1e}" for k, v in r["max_rel_error"].items()))
   print("1st call: the excluded warm-up (ours includes trace, lower and compile). peak MiB: the "
         "resident-set high-water mark above the resident set before a timed call (max over calls)")
   print_load_note(meta)

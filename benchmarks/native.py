@@ -83,8 +83,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (CompileTimes, PeakRSS, _fmt_mib, print_load_note,  # noqa: E402
-                                relative_error, start_process, summary)
+from benchmarks.forward import (CompileTimes, PeakRSS, print_load_note,  # noqa: E402
+                                print_time_table, print_timing_tables, relative_error,
+                                start_process, summary)
 
 
 SETTINGS = ("prepare", "logits", "+resid+attn")
@@ -391,53 +392,21 @@ def _fmt_agreement(a: dict) -> str:
   return ", ".join(parts)
 
 
-def _time_table(title: str, results: dict) -> None:
-  header = f"{title:<13}| {'torch ms':>19} | {'ours ms':>19} | {'ratio':>14}"
-  print(header)
-  print("-" * len(header))
-  for name, r in results.items():
-    t, o = r["torch"], r["ours"]
-    print(f"{name:<13}| {t['median_ms']:>9.1f} ({t['min_ms']:>7.1f}) | "
-          f"{o['median_ms']:>9.1f} ({o['min_ms']:>7.1f}) | "
-          f"{r['ratio_median']:>5.2f}x ({r['ratio_min']:.2f}x)")
-
-
 def print_report(results: dict, stages: dict, meta: dict) -> None:
   print()
   print(f"native image-to-logits: {meta['model']}; batch {meta['batch']} x {meta['image']} "
         f"image + prompt = {meta['tokens']} tokens ({meta['image_tokens']} image tokens), "
         f"float32, {meta['threads']} thread(s), {meta['repeats']} timed calls each "
         f"(median, min in parentheses)")
-  _time_table("setting", results)
-  print("ratio = torch time / our time (> 1: ours is faster)")
-  print()
-  header = f"{'setting':<13}| {'torch CPU ms':>12} | {'ours CPU ms':>11} | {'ratio':>6}"
-  print(header)
-  print("-" * len(header))
-  for name, r in results.items():
-    print(f"{name:<13}| {r['torch']['cpu_median_ms']:>12.0f} | {r['ours']['cpu_median_ms']:>11.0f}"
-          f" | {r['ratio_cpu']:>5.2f}x")
-  print("CPU ms: median process CPU time per call, all threads (less sensitive to other processes "
-        "on the machine than wall time; counts spin-waiting threads too)")
-  print()
-  header = (f"{'setting':<13}| {'trace+lower s':>13} | {'XLA compile s':>13} | "
-            f"{'1st call ms torch':>17} | {'ours':>8} | {'peak MiB torch':>14} | {'ours':>6} | "
-            "agreement with torch (max rel err)")
-  print(header)
-  print("-" * len(header))
-  for name, r in results.items():
-    t, o = r["torch"], r["ours"]
-    print(f"{name:<13}| {o['trace_s'] + o['lower_s']:>13.2f} | {o['compile_s']:>13.2f} | "
-          f"{t['first_call_ms']:>17.0f} | {o['first_call_ms']:>8.0f} | "
-          f"{_fmt_mib(t['peak_rss_mib']):>14} | {_fmt_mib(o['peak_rss_mib']):>6} | "
-          f"{_fmt_agreement(r['agreement'])}")
+  print_timing_tables(results, "agreement with torch (max rel err)",
+                      lambda r: _fmt_agreement(r["agreement"]))
   print("1st call: the excluded warm-up (ours includes trace, lower and compile: the VQ encoder's "
         "in `prepare`, then the forward's). peak MiB: the resident-set high-water mark above the "
         "resident set before a timed call (max over calls)")
   if stages:
     print()
     print("where the time goes: each stage timed on its own (same batch)")
-    _time_table("stage", stages)
+    print_time_table("stage", stages)
     print("pixels: ours processing.images (numpy + PIL), torch the image processor; VQ encoder: "
           "ours jitted (compile excluded), torch get_image_tokens; LM forward: logits from the "
           "token ids, image tokens in place")
