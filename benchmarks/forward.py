@@ -209,6 +209,47 @@ def token_ids(args) -> list[list[int]]:
 # ------------------------------------------------------------------------------- one setting
 
 
+def measure(call_torch, call_ours, check, repeats: int) -> dict:
+  """Warm-up calls (excluded; their outputs go to `check`, which returns the agreement; JAX
+  reports its tracing, lowering and XLA compile time through jax.monitoring), then `repeats`
+  timed calls alternating torch / ours. Returns per side: first call, median / min wall time,
+  median CPU time, peak RSS; and the ratios torch / ours."""
+  result = {"torch": {}, "ours": {}}
+  t0 = time.perf_counter()
+  theirs = call_torch()
+  result["torch"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+  with CompileTimes() as compile_times:
+    t0 = time.perf_counter()
+    ours = call_ours()
+    result["ours"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+  result["ours"].update(compile_times.seconds)
+  result["agreement"] = check(theirs, ours) if check is not None else {}
+  del theirs, ours
+
+  times = {"torch": [], "ours": []}
+  cpu_times = {"torch": [], "ours": []}
+  peaks = {"torch": [], "ours": []}
+  for _ in range(repeats):
+    for side, call in (("torch", call_torch), ("ours", call_ours)):
+      out = None  # noqa: F841  (the previous output is freed before the next call)
+      with PeakRSS() as peak:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = call()
+        times[side].append(time.perf_counter() - t0)
+        cpu_times[side].append(time.process_time() - c0)
+      if peak.mib is not None:
+        peaks[side].append(peak.mib)
+      del out
+  for side in ("torch", "ours"):
+    result[side].update(summary(times[side]))
+    result[side]["cpu_median_ms"] = statistics.median(cpu_times[side]) * 1e3
+    result[side]["peak_rss_mib"] = max(peaks[side]) if peaks[side] else None
+  result["ratio_median"] = result["torch"]["median_ms"] / result["ours"]["median_ms"]
+  result["ratio_min"] = result["torch"]["min_ms"] / result["ours"]["min_ms"]
+  result["ratio_cpu"] = result["torch"]["cpu_median_ms"] / result["ours"]["cpu_median_ms"]
+  return result
+
+
 def run_setting(name: str, vlm, batch, torch_model, torch_ids, torch_mask, args) -> dict:
   import jax
   import numpy as np
@@ -230,51 +271,19 @@ def run_setting(name: str, vlm, batch, torch_model, torch_ids, torch_mask, args)
   def call_ours():
     return jax.block_until_ready(vlm.forward(batch, capture=capture))
 
-  result = {"torch": {}, "ours": {}}
+  def agreement(theirs, ours) -> dict:
+    errors = {"logits": relative_error(ours.logits, theirs.logits.float().numpy())}
+    if ours.resid is not None:
+      # transformers' last hidden state is after the final norm; ours is before it: 0..L-1.
+      hidden = np.stack([h.float().numpy() for h in theirs.hidden_states[:-1]])
+      errors["resid"] = relative_error(np.asarray(ours.resid)[:-1], hidden)
+    if ours.attn is not None:
+      errors["attn"] = relative_error(ours.attn, np.stack([a.float().numpy()
+                                                           for a in theirs.attentions]))
+    return errors
 
-  # Warm-up calls (excluded), whose outputs are the parity check. JAX reports the time it spends
-  # tracing, lowering to MLIR and compiling with XLA through jax.monitoring.
-  t0 = time.perf_counter()
-  theirs = call_torch()
-  result["torch"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-  with CompileTimes() as compile_times:
-    t0 = time.perf_counter()
-    ours = call_ours()
-    result["ours"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-  result["ours"].update(compile_times.seconds)
-
-  errors = {"logits": relative_error(ours.logits, theirs.logits.float().numpy())}
-  if ours.resid is not None:
-    # transformers' last hidden state is after the final norm; ours is before it: compare 0..L-1.
-    hidden = np.stack([h.float().numpy() for h in theirs.hidden_states[:-1]])
-    errors["resid"] = relative_error(np.asarray(ours.resid)[:-1], hidden)
-  if ours.attn is not None:
-    errors["attn"] = relative_error(ours.attn, np.stack([a.float().numpy()
-                                                         for a in theirs.attentions]))
-  result["max_rel_error"] = errors
-  del theirs, ours
-
-  times = {"torch": [], "ours": []}
-  cpu_times = {"torch": [], "ours": []}
-  peaks = {"torch": [], "ours": []}
-  for _ in range(args.repeats):
-    for side, call in (("torch", call_torch), ("ours", call_ours)):
-      out = None  # noqa: F841  (the previous output is freed before the next call)
-      with PeakRSS() as peak:
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = call()
-        times[side].append(time.perf_counter() - t0)
-        cpu_times[side].append(time.process_time() - c0)
-      if peak.mib is not None:
-        peaks[side].append(peak.mib)
-      del out
-  for side in ("torch", "ours"):
-    result[side].update(summary(times[side]))
-    result[side]["cpu_median_ms"] = statistics.median(cpu_times[side]) * 1e3
-    result[side]["peak_rss_mib"] = max(peaks[side]) if peaks[side] else None
-  result["ratio_median"] = result["torch"]["median_ms"] / result["ours"]["median_ms"]
-  result["ratio_min"] = result["torch"]["min_ms"] / result["ours"]["min_ms"]
-  result["ratio_cpu"] = result["torch"]["cpu_median_ms"] / result["ours"]["cpu_median_ms"]
+  result = measure(call_torch, call_ours, agreement, args.repeats)
+  result["max_rel_error"] = result.pop("agreement")
   torch_model.set_attn_implementation("sdpa")
   return result
 

@@ -73,7 +73,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -83,9 +82,8 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (CompileTimes, PeakRSS, print_load_note,  # noqa: E402
-                                print_time_table, print_timing_tables, relative_error,
-                                start_process, summary)
+from benchmarks.forward import (measure, print_load_note, print_time_table,  # noqa: E402
+                                print_timing_tables, relative_error, start_process)
 
 
 SETTINGS = ("prepare", "logits", "+resid+attn")
@@ -285,46 +283,7 @@ def benchmark_inputs(args):
   return images, [PROMPT] * args.batch
 
 
-# ------------------------------------------------------------------------------- measuring
-
-
-def measure(call_torch, call_ours, check, repeats: int) -> dict:
-  """Warm-up (excluded; its outputs go to `check`, which returns the agreement), then `repeats`
-  timed calls alternating torch / ours, as benchmarks/forward.py's run_setting."""
-  result = {"torch": {}, "ours": {}}
-  t0 = time.perf_counter()
-  theirs = call_torch()
-  result["torch"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-  with CompileTimes() as compile_times:
-    t0 = time.perf_counter()
-    ours = call_ours()
-    result["ours"]["first_call_ms"] = (time.perf_counter() - t0) * 1e3
-  result["ours"].update(compile_times.seconds)
-  result["agreement"] = check(theirs, ours) if check is not None else {}
-  del theirs, ours
-
-  times = {"torch": [], "ours": []}
-  cpu_times = {"torch": [], "ours": []}
-  peaks = {"torch": [], "ours": []}
-  for _ in range(repeats):
-    for side, call in (("torch", call_torch), ("ours", call_ours)):
-      out = None  # noqa: F841  (the previous output is freed before the next call)
-      with PeakRSS() as peak:
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = call()
-        times[side].append(time.perf_counter() - t0)
-        cpu_times[side].append(time.process_time() - c0)
-      if peak.mib is not None:
-        peaks[side].append(peak.mib)
-      del out
-  for side in ("torch", "ours"):
-    result[side].update(summary(times[side]))
-    result[side]["cpu_median_ms"] = statistics.median(cpu_times[side]) * 1e3
-    result[side]["peak_rss_mib"] = max(peaks[side]) if peaks[side] else None
-  result["ratio_median"] = result["torch"]["median_ms"] / result["ours"]["median_ms"]
-  result["ratio_min"] = result["torch"]["min_ms"] / result["ours"]["min_ms"]
-  result["ratio_cpu"] = result["torch"]["cpu_median_ms"] / result["ours"]["cpu_median_ms"]
-  return result
+# ------------------------------------------------------------------------------ agreement
 
 
 def image_positions(roles):
