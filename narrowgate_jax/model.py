@@ -182,14 +182,19 @@ class VLM:
     plan = (capture or Capture()).plan(batch, self.num_layers)
     batch = self._place(batch)
     kwargs = dict(config=self.config, dtype=self.dtype, mesh=self.mesh)
-    if isinstance(interventions, Conditions):
-      interventions.stacked.check_against(self.num_layers, self.config.hidden_size)
-      return forward_conditions_fn(self.params, batch, self._replicate(interventions),
-                                   self._replicate(plan), **kwargs)
-    interventions = as_interventions(interventions)
-    interventions.check_against(self.num_layers, self.config.hidden_size)
-    return forward_fn(self.params, batch, self._replicate(interventions), self._replicate(plan),
-                      **kwargs)
+    interventions = self._checked(interventions)
+    run = forward_conditions_fn if isinstance(interventions, Conditions) else forward_fn
+    return run(self.params, batch, self._replicate(interventions), self._replicate(plan),
+               **kwargs)
+
+  def _checked(self, interventions: InterventionLike | Conditions) -> Interventions | Conditions:
+    """`Conditions` as they are, anything else as one `Interventions`; either checked against
+    this model (layer indices in range, vector widths)."""
+    if not isinstance(interventions, Conditions):
+      interventions = as_interventions(interventions)
+    stacked = getattr(interventions, "stacked", interventions)
+    stacked.check_against(self.num_layers, self.config.hidden_size)
+    return interventions
 
   def _place(self, batch: Batch) -> Batch:
     batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch)
@@ -218,7 +223,7 @@ class VLM:
     """
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
-    limit = getattr(self.config, "max_positions", 0)
+    limit = self.config.max_positions
     longest = int(np.max(np.asarray(batch.positions)[:, -1])) + 1  # left padding: last = longest
     if limit and longest + max_new_tokens > limit:
       raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
@@ -230,13 +235,11 @@ class VLM:
     kwargs = dict(config=self.config, dtype=self.dtype, max_new_tokens=int(max_new_tokens))
     batch = self._place(batch)
     args = (self._replicate(jnp.asarray(eos)), self._replicate(jnp.int32(pad_id)))
+    interventions = self._checked(interventions)
     if isinstance(interventions, Conditions):
-      interventions.stacked.check_against(self.num_layers, self.config.hidden_size)
       tokens = generate_conditions_fn(self.params, batch, self._replicate(interventions.stacked),
                                       *args, **kwargs)
     else:
-      interventions = as_interventions(interventions)
-      interventions.check_against(self.num_layers, self.config.hidden_size)
       tokens = generate_fn(self.params, batch, self._replicate(interventions), *args, **kwargs)
     tokens = np.asarray(tokens)
     texts = None
