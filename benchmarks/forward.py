@@ -56,35 +56,50 @@ if REPO_ROOT not in sys.path:
 SETTINGS = ("logits", "+resid", "+resid+attn")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--hidden", type=int, default=1024, help="model width D")
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+  """The language model's size (a Llama layout); shared with benchmarks/native.py."""
+  p.add_argument("--hidden", type=int, default=1024, help="language model width D")
   p.add_argument("--layers", type=int, default=8, help="decoder layers L")
-  p.add_argument("--tokens", type=int, default=1024, help="sequence length T")
-  p.add_argument("--batch", type=int, default=1, help="batch size B")
   p.add_argument("--heads", type=int, default=16, help="query heads N")
   p.add_argument("--kv_heads", type=int, default=8, help="key/value heads K")
   p.add_argument("--intermediate", type=int, default=2816, help="MLP width F")
   p.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
+
+
+def add_run_flags(p: argparse.ArgumentParser, settings: tuple[str, ...]) -> None:
+  """Repeats, cores, the settings to time, seed and JSON output; shared with native.py."""
   p.add_argument("--repeats", type=int, default=5, help="timed calls per setting and side")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--threads", type=int, default=None,
                  help="cores for both sides (torch.set_num_threads + CPU affinity); default all")
-  p.add_argument("--settings", default=",".join(SETTINGS),
-                 help="comma-separated subset of " + ",".join(SETTINGS))
+  p.add_argument("--settings", default=",".join(settings),
+                 help="comma-separated subset of " + ",".join(settings))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-  args = p.parse_args(argv)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+               settings: tuple[str, ...]) -> argparse.Namespace:
+  """Splits --settings and refuses what add_model_flags / add_run_flags cannot run."""
   args.settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-  unknown = [s for s in args.settings if s not in SETTINGS]
+  unknown = [s for s in args.settings if s not in settings]
   if unknown:
-    p.error(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+    p.error(f"unknown setting {unknown[0]!r}; choose from {', '.join(settings)}")
   if args.repeats < 1:
     p.error("--repeats must be at least 1")
   if args.heads % args.kv_heads or args.hidden % args.heads:
     p.error("--heads must divide --hidden and be a multiple of --kv_heads")
   return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  add_model_flags(p)
+  p.add_argument("--tokens", type=int, default=1024, help="sequence length T")
+  p.add_argument("--batch", type=int, default=1, help="batch size B")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  add_run_flags(p, SETTINGS)
+  return check_args(p, p.parse_args(argv), SETTINGS)
 
 
 def restrict_cores(threads: int | None) -> int:

@@ -82,7 +82,8 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (measure, print_load_note, print_time_table,  # noqa: E402
+from benchmarks.forward import (add_model_flags, add_run_flags, check_args,  # noqa: E402
+                                measure, print_load_note, print_time_table,
                                 print_timing_tables, relative_error, start_process)
 
 
@@ -97,36 +98,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--family", choices=("chameleon", "emu3"), default="chameleon")
-  p.add_argument("--hidden", type=int, default=1024, help="language model width D")
-  p.add_argument("--layers", type=int, default=8, help="decoder layers L")
+  add_model_flags(p)
   p.add_argument("--batch", type=int, default=2, help="prompts (each with one image) B")
-  p.add_argument("--heads", type=int, default=16, help="query heads N")
-  p.add_argument("--kv_heads", type=int, default=8, help="key/value heads K")
-  p.add_argument("--intermediate", type=int, default=2816, help="MLP width F")
-  p.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
   p.add_argument("--codebook", type=int, default=8192, help="VQ codebook entries")
   p.add_argument("--vq_channels", type=int, default=64, help="VQ encoder base channels")
   p.add_argument("--vq_blocks", type=int, default=2, help="VQ residual blocks per level")
   p.add_argument("--image_side", type=int, default=256,
                  help="Chameleon: resize + crop size; Emu3: min_pixels = max_pixels = side^2")
-  p.add_argument("--repeats", type=int, default=5, help="timed calls per setting and side")
-  p.add_argument("--threads", type=int, default=None,
-                 help="cores for both sides (torch.set_num_threads + CPU affinity); default all")
-  p.add_argument("--settings", default=",".join(SETTINGS),
-                 help="comma-separated subset of " + ",".join(SETTINGS))
+  add_run_flags(p, SETTINGS)
   p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                  help="also time pixels / VQ encoder / LM forward on their own")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-  args = p.parse_args(argv)
-  args.settings = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-  unknown = [s for s in args.settings if s not in SETTINGS]
-  if unknown:
-    p.error(f"unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
-  if args.repeats < 1:
-    p.error("--repeats must be at least 1")
-  if args.heads % args.kv_heads or args.hidden % args.heads:
-    p.error("--heads must divide --hidden and be a multiple of --kv_heads")
+  args = check_args(p, p.parse_args(argv), SETTINGS)
   if args.image_side % 8:
     p.error("--image_side must be a multiple of 8 (the VQ encoder downsamples 8x)")
   return args
