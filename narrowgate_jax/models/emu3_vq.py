@@ -209,29 +209,6 @@ class AttentionBlock(nn.Module):
     return x + out.reshape(b, y, w, c)
 
 
-class DownLevel(nn.Module):
-  """One resolution level: num_res_blocks blocks (each followed by attention on the levels that
-  have it), then a stride-2 downsample except on the last level. [B, Y, X, C] -> [B, Y', X', C_l].
-  """
-
-  config: Emu3VQConfig
-  level: int
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    channels = c.level_channels[self.level]
-    for i in range(c.num_res_blocks):
-      x = ResnetBlock(channels, name=f"block_{i}")(x)
-      if c.level_has_attention(self.level):
-        x = AttentionBlock(c.num_attention_heads, name=f"attn_{i}")(x)
-    if self.level != c.num_levels - 1:
-      # torch pads right and bottom by one, then a VALID 3x3 stride-2 conv: Y' = Y // 2. A
-      # symmetric ((1, 1), (1, 1)) padding would shift every output pixel by one input pixel.
-      x = vq_common.conv(channels, (3, 3), "downsample", (2, 2), ((0, 1), (0, 1)))(x)
-    return x
-
-
 class Middle(nn.Module):
   """block_1, attention, block_2; channels unchanged. [B, Y, X, C] -> [B, Y, X, C]."""
 
@@ -278,7 +255,10 @@ class Encoder(nn.Module):
     x = frames.reshape(b * f, *frames.shape[2:])
     x = vq_common.conv(c.base_channels, (3, 3), "conv_in")(x)
     for level in range(c.num_levels):
-      x = DownLevel(c, level, name=f"down_{level}")(x)
+      attention = (functools.partial(AttentionBlock, c.num_attention_heads)
+                   if c.level_has_attention(level) else None)
+      x = vq_common.DownLevel(c.level_channels[level], c.num_res_blocks, attention,
+                              downsample=level != c.num_levels - 1, name=f"down_{level}")(x)
     x = Middle(c, name="middle")(x)
     x = nn.silu(GroupNorm(name="norm_out")(x))
     x = vq_common.conv(c.latent_channels, (3, 3), "conv_out")(x)

@@ -11,7 +11,7 @@ E code width · N codebook entries.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -98,6 +98,30 @@ class ResnetBlock(nn.Module):
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, (1, 1), "nin_shortcut")(x)
     return x + h
+
+
+class DownLevel(nn.Module):
+  """One resolution level: `num_blocks` residual blocks, each followed by an attention block when
+  `attention` (a factory: name -> module) is given, then a stride-2 downsample unless this is the
+  last level. [B, Y, X, C] -> [B, Y', X', channels].
+  """
+
+  channels: int
+  num_blocks: int
+  attention: Optional[Callable[..., nn.Module]]
+  downsample: bool
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_blocks):
+      x = ResnetBlock(self.channels, name=f"block_{i}")(x)
+      if self.attention is not None:
+        x = self.attention(name=f"attn_{i}")(x)
+    if self.downsample:
+      # torch pads right and bottom by one, then a VALID 3x3 stride-2 conv: Y' = Y // 2. A
+      # symmetric ((1, 1), (1, 1)) padding would shift every output pixel by one input pixel.
+      x = conv(self.channels, (3, 3), "downsample", (2, 2), ((0, 1), (0, 1)))(x)
+    return x
 
 
 def code_distances(latents: jax.Array, codebook: jax.Array) -> jax.Array:
