@@ -12,21 +12,23 @@ Emu3) also get their VQ image tokenizer's encoder, in float32, under image_param
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Iterator, Optional
 
-import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from checkpoints_convert import llava_original
 from checkpoints_convert.safetensors_stream import CheckpointReader
 from narrowgate_jax import checkpoint
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.decoder import param_shapes
-from narrowgate_jax.models.families import Family, TensorSource, family_of, iter_layer_keys
-from narrowgate_jax.models.native import IMAGE_PARAMS_DIR, IMAGE_SIDES
+from narrowgate_jax.models.families import (Family, TensorSource, family_of, flat_shapes,
+                                            iter_layer_keys)
+from narrowgate_jax.models.image_sides import IMAGE_PARAMS_DIR, IMAGE_SIDES
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -63,19 +65,16 @@ class ParamTree:
     return {key for s in self.sources for _, key in iter_layer_keys(s, self.num_layers)}
 
 
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
 def lm_tree(family: Family, config: DecoderConfig, dtype: np.dtype,
             keys: Optional[set] = None) -> ParamTree:
   return ParamTree(checkpoint.PARAMS_DIR, tuple(family.tensor_sources(config, keys)),
-                   _flat_shapes(param_shapes(config)), config.num_layers, dtype)
+                   flat_shapes(param_shapes(config)), config.num_layers, dtype)
 
 
-def image_tree(side) -> ParamTree:
-  return ParamTree(IMAGE_PARAMS_DIR, side.sources, side.shapes, 0, DTYPES["float32"])
+def image_tree(side, dtype: np.dtype) -> ParamTree:
+  """The image side's tree, stored in its own dtype (VQ: float32) or the language model's."""
+  return ParamTree(IMAGE_PARAMS_DIR, side.sources, side.shapes, side.num_layers,
+                   DTYPES[side.dtype] if side.dtype else dtype)
 
 
 def read_checkpoint(hf_dir: str, dtype: str, allow_pickle: bool):
@@ -83,14 +82,21 @@ def read_checkpoint(hf_dir: str, dtype: str, allow_pickle: bool):
   every key and shape of every tree is checked before anything is read or written."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-  family, hf_config = family_of(hf_dir)
+  raw = llava_original.read_raw_config(hf_dir)
+  if llava_original.is_original_llava(raw):
+    hf_config = llava_original.equivalent_config(hf_dir, raw)
+    family = llava_original.family(hf_config)
+  else:
+    family, hf_config = family_of(hf_dir)
   config = family.decoder_config(hf_config)
   reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
   keys = set(reader.keys())
   side = None
   if hf_config.model_type in IMAGE_SIDES:
     side = IMAGE_SIDES[hf_config.model_type](hf_config, keys)
-  trees = [lm_tree(family, config, DTYPES[dtype], keys)] + ([image_tree(side)] if side else [])
+  trees = [lm_tree(family, config, DTYPES[dtype], keys)]
+  if side:
+    trees.append(image_tree(side, DTYPES[dtype]))
   for tree in trees:
     plan_tensors(reader, tree, family.name)
   return family, hf_config, config, side, reader, trees
@@ -158,7 +164,7 @@ def _summarise(keys: list[str]) -> dict[str, int]:
 def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: bool = False,
             progress: bool = True) -> str:
   """Converts an HF checkpoint dir; returns out_dir."""
-  family, _, config, side, reader, trees = read_checkpoint(hf_dir, dtype, allow_pickle)
+  family, hf_config, config, side, reader, trees = read_checkpoint(hf_dir, dtype, allow_pickle)
   os.makedirs(out_dir, exist_ok=True)
   for tree in trees:
     writer = checkpoint.StreamingParamWriter(out_dir, _nest(tree.shapes), tree.dtype,
@@ -171,11 +177,29 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: boo
                         image_tokenizer=side.kind if side else None,
                         source=os.path.abspath(hf_dir),
                         unconverted_tensors=_summarise([k for k in reader.keys() if k not in used]))
-  shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(out_dir, "hf_config.json"))
   for name in SIDE_FILES:
     if os.path.exists(os.path.join(hf_dir, name)):
       shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+  if llava_original.is_original_llava(llava_original.read_raw_config(hf_dir)):
+    # Written as its transformers equivalent, so loading needs no knowledge of the layout.
+    hf_config.to_json_file(os.path.join(out_dir, "hf_config.json"))
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+      json.dump(processor_config(hf_dir, hf_config), f, indent=2)
+  else:
+    shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(out_dir, "hf_config.json"))
   return out_dir
+
+
+def processor_config(hf_dir: str, hf_config) -> dict:
+  """The checkpoint's preprocessor_config.json; for the original LLaVA layout, which has none,
+  the CLIP preprocessing its repository applies."""
+  found = checkpoint.read_processor_config(hf_dir)
+  if found:
+    return found
+  raw = llava_original.read_raw_config(hf_dir)
+  if llava_original.is_original_llava(raw):
+    return llava_original.processor_config(hf_config, raw)
+  return {}
 
 
 def load_in_memory(hf_dir: str, dtype: str = "float32", allow_pickle: bool = False):

@@ -45,6 +45,24 @@ def read_meta(directory: str) -> tuple[DecoderConfig, dict]:
   return DecoderConfig.from_dict(meta.pop("decoder")), meta
 
 
+def read_processor_config(directory: str) -> dict:
+  """preprocessor_config.json (the image processor's settings), with processor_config.json (the
+  processor's own: Pixtral's patch size and image tokens) under "processor" when present; {}
+  when there is neither."""
+  def read(name: str) -> Optional[dict]:
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  out = read("preprocessor_config.json") or {}
+  processor = read("processor_config.json")
+  if processor is not None:
+    out["processor"] = processor
+  return out
+
+
 def _checkpointer() -> ocp.Checkpointer:
   # One zarr array per parameter (no OCDBT), so each array can be filled in place after Orbax has
   # written the tree metadata.

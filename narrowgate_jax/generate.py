@@ -82,7 +82,7 @@ def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Arra
   length = t + max_new_tokens
   real = batch.attention_mask
   logits, (keys, values) = run(batch.input_ids, batch.positions, real, interventions,
-                               method=Decoder.prefill)
+                               batch.features, batch.feature_mask, method=Decoder.prefill)
   widen = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
   cache = (jnp.pad(keys, widen), jnp.pad(values, widen))  # [L, B, S, K, H]
   key_real = jnp.concatenate([real, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, S]

@@ -28,17 +28,19 @@ from narrowgate_jax.interventions import (Conditions, InterventionLike, Interven
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.decoder import Decoder, param_shapes
-from narrowgate_jax.models.native import IMAGE_PARAMS_DIR, IMAGE_READERS, IMAGE_SIDES
+from narrowgate_jax.models.image_sides import IMAGE_PARAMS_DIR, IMAGE_READERS, IMAGE_SIDES
 from narrowgate_jax.processing.batch import Batch, left_pad
 from narrowgate_jax.processing.images import load_image
-from narrowgate_jax.processing.prompts import IMAGE_MARKER, count_markers, tokenize_prompt
+from narrowgate_jax.processing.prompts import (IMAGE_MARKER, PromptTokens, apply_chat_template,
+                                               count_markers, tokenize_prompt)
 from narrowgate_jax.processing.roles import Role, Selector
 
 
 def _run(params, batch: Batch, interventions: Interventions, plan: CapturePlan, *,
          config: DecoderConfig, dtype) -> Output:
   out = Decoder(config, dtype).apply({"params": params}, batch.input_ids, batch.positions,
-                                     batch.attention_mask, interventions, plan)
+                                     batch.attention_mask, interventions, plan, batch.features,
+                                     batch.feature_mask)
   return Output(resid_index=plan.resid_index, **out)
 
 
@@ -79,8 +81,11 @@ class VLM:
   """A loaded model. Build it with `ng.load`."""
 
   def __init__(self, config: DecoderConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
-               dtype=jnp.float32, name: str = "", images=None):
-    """images: the family's image side (`models.native`), None for text-only checkpoints."""
+               dtype=jnp.float32, name: str = "", images=None,
+               chat_template: Optional[str] = None):
+    """images: the family's image side (`models.native`, `models.nonnative`), None for text-only
+    checkpoints; chat_template: the processor's (jinja), when the checkpoint has one."""
+    self.chat_template = chat_template
     self.config = config
     self.params = params
     self.tokenizer = tokenizer
@@ -108,11 +113,15 @@ class VLM:
     images: one entry per prompt: an image (PIL image, uint8 array [H, W, 3] or a file path), a
       list of images for a prompt with several "<image>" markers, or None. Each "<image>" in a
       prompt becomes the family's image span (Chameleon: start, codes, <eoss>; Emu3: start, size,
-      rows of codes and row ends, end-of-frame, end), tokenized as the family's processor does.
+      rows of codes and row ends, end-of-frame, end; LLaVA-style: placeholders whose input
+      embeddings are the projected vision features, in `batch.features`), tokenized as the
+      family's processor does.
     questions: optionally, per prompt, the user's part of it: its tokens get Role.TEXT (the
       "question" selector) and the rest of the text Role.TEMPLATE.
     chat: Chameleon's chat mode (the prompt ends with its separator token, as its processor does
-      by default); the default is the text-completion mode the Narrow Gate study used.
+      by default); for other families, each prompt becomes one user turn of the checkpoint's chat
+      template followed by the assistant's generation prompt. The default is plain text
+      (the Narrow Gate study's text-completion mode).
     """
     if (prompts is None) == (token_ids is None):
       raise ValueError("prepare needs exactly one of prompts= or token_ids=")
@@ -120,39 +129,50 @@ class VLM:
       if images:
         raise ValueError("images go with prompts=, not token_ids=")
       bos = getattr(self.tokenizer, "bos_token_id", None)
-      seqs = [(np.asarray(ids), np.asarray([Role.BOS if (j == 0 and t == bos) else Role.TEXT
-                                             for j, t in enumerate(ids)])) for ids in token_ids]
+      seqs = [PromptTokens(np.asarray(ids), np.asarray(
+          [Role.BOS if (j == 0 and t == bos) else Role.TEXT for j, t in enumerate(ids)]))
+              for ids in token_ids]
     else:
-      seqs = self._tokenize_prompts(prompts, images, questions, self._suffix(chat))
-    for i, (ids, _) in enumerate(seqs):
-      if not len(ids):
+      seqs = self._tokenize_prompts(prompts, images, questions, chat)
+    for i, seq in enumerate(seqs):
+      if not len(seq.ids):
         raise ValueError(f"example {i} has no tokens")
-      if self.config.max_positions and len(ids) > self.config.max_positions:
-        raise ValueError(f"prompt {i} is {len(ids)} tokens long; the model's context is "
+      if self.config.max_positions and len(seq.ids) > self.config.max_positions:
+        raise ValueError(f"prompt {i} is {len(seq.ids)} tokens long; the model's context is "
                          f"{self.config.max_positions} positions")
     pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-    return left_pad([ids for ids, _ in seqs], [roles for _, roles in seqs], pad_id=pad)
+    return left_pad([s.ids for s in seqs], [s.roles for s in seqs], pad_id=pad,
+                    **_dense_extras(seqs, self.config.hidden_size))
 
-  def _suffix(self, chat: bool) -> str:
+  def _chat(self, prompts: Sequence[str], chat: bool) -> tuple[list[str], str]:
+    """(prompts, suffix) in the chat format asked for: Chameleon's separator suffix, or the
+    checkpoint's chat template around each prompt (non-native families)."""
     if not chat:
-      return ""
+      return list(prompts), ""
     suffix = getattr(self.images, "chat_suffix", None)
-    if not suffix:
-      raise ValueError(f"chat=True is Chameleon's separator-token mode; for {self.config.family}, "
-                       "format the prompts with the checkpoint's chat template instead")
-    return suffix
+    if suffix:
+      return list(prompts), suffix
+    template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+    if not template:
+      raise ValueError(f"chat=True: the {self.config.family} checkpoint has no chat template "
+                       "(chat_template.json / .jinja); format the prompts yourself")
+    return [apply_chat_template(self.tokenizer, template, p, self.images.image_text)
+            for p in prompts], ""
 
-  def _tokenize_prompts(self, prompts, images, questions,
-                        suffix: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  def _tokenize_prompts(self, prompts, images, questions, chat: bool) -> list[PromptTokens]:
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer files; pass token_ids= instead")
+    prompts, suffix = self._chat(prompts, chat)
     per_prompt = _images_per_prompt(images, len(prompts))
     if any(per_prompt) and self.images is None:
       raise ValueError(f"the {self.config.family} checkpoint has no image tokenizer; "
                        "it takes text only")
     flat = [load_image(image, index=n) for n, image in enumerate(
         image for group in per_prompt for image in group)]
-    spans = self.images.spans(flat) if flat else []
+    # How many images each prompt has: OneVision reads an image differently when it shares its
+    # prompt with others.
+    counts = [len(group) for group in per_prompt if group]
+    spans = self.images.spans(flat, counts=counts) if flat else []
     questions = questions if questions is not None else [None] * len(prompts)
     if len(questions) != len(prompts):
       raise ValueError(f"{len(questions)} questions for {len(prompts)} prompts")
@@ -162,9 +182,37 @@ class VLM:
         raise ValueError(f"prompt {i} contains {IMAGE_MARKER} but the {self.config.family} "
                          "checkpoint has no image tokenizer")
       prefix = self.images.prefix if self.images is not None else ""
+      wrappers = getattr(self.images, "wrappers", (None, None))
       out.append(tokenize_prompt(self.tokenizer, prompt, spans[used:used + len(group)], index=i,
-                                 prefix=prefix, suffix=suffix, question=question))
+                                 prefix=prefix, suffix=suffix, question=question,
+                                 wrappers=wrappers))
       used += len(group)
+    return out
+
+  def region(self, batch: Batch, images: Sequence, boxes: Sequence) -> np.ndarray:
+    """The image tokens of `batch` whose patch shows part of a box: [B, T] bool, usable as a
+    selector (the cross-modal study's "related image patches"; newlines and row breaks never).
+
+    images: as given to `prepare` for this batch (one entry per prompt).
+    boxes: boxes[b][i] lists the (x0, y0, x1, y1) boxes of prompt b's image i, in that image's
+      pixels (corners inclusive, as PIL draws them), e.g. [[[(10, 20, 40, 60)]]] for one prompt
+      with one image and one box.
+    """
+    if batch.image_coords is None or not hasattr(self.images, "region_patches"):
+      raise ValueError(f"{self.config.family}: this batch has no image patch coordinates")
+    per_prompt = _images_per_prompt(images, batch.shape[0])
+    if len(boxes) != len(per_prompt):
+      raise ValueError(f"{len(boxes)} box entries for {len(per_prompt)} prompts")
+    coords = np.asarray(batch.image_coords)
+    out = np.zeros(batch.shape, bool)
+    for b, (group, group_boxes) in enumerate(zip(per_prompt, boxes)):
+      if len(group) != len(group_boxes):
+        raise ValueError(f"prompt {b}: {len(group)} image(s) but {len(group_boxes)} box lists")
+      for i, (image, image_boxes) in enumerate(zip(group, group_boxes)):
+        related = self.images.region_patches(load_image(image, index=i), image_boxes)
+        tokens = coords[b, :, 0] == i
+        image_coords = coords[b, tokens, 1:]
+        out[b, tokens] = related[tuple(image_coords.T)]
     return out
 
   # ------------------------------------------------------------------------------- forward
@@ -197,7 +245,7 @@ class VLM:
     return interventions
 
   def _place(self, batch: Batch) -> Batch:
-    batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch)
+    batch = jax.tree.map(jnp.asarray, batch)
     return batch if self.mesh is None else shard_batch(batch, self.mesh)
 
   def _replicate(self, tree):
@@ -252,6 +300,20 @@ class VLM:
     return GenerateOutput(tokens=tokens, texts=texts)
 
 
+def _dense_extras(seqs: Sequence[PromptTokens], width: int) -> dict:
+  """`left_pad`'s per-example features / masks / coordinates, when any prompt has them."""
+  out = {}
+  if any(s.features is not None for s in seqs):
+    out["features"] = [s.features if s.features is not None
+                       else np.zeros((len(s.ids), width), np.float32) for s in seqs]
+    out["feature_masks"] = [s.feature_mask if s.feature_mask is not None
+                            else np.zeros(len(s.ids), bool) for s in seqs]
+  if any(s.coords is not None for s in seqs):
+    out["coords"] = [s.coords if s.coords is not None else np.full((len(s.ids), 4), -1, np.int32)
+                     for s in seqs]
+  return out
+
+
 def _images_per_prompt(images, num_prompts: int) -> list[list]:
   """`prepare`'s images argument -> one list of images per prompt."""
   if images is None:
@@ -273,12 +335,17 @@ def _load_tokenizer(directory: str):
   return transformers.AutoTokenizer.from_pretrained(directory)
 
 
-def _processor_config(directory: str) -> dict:
-  path = os.path.join(directory, "preprocessor_config.json")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+def _chat_template(directory: str) -> Optional[str]:
+  """The processor's chat template (chat_template.jinja, or chat_template.json's field)."""
+  jinja = os.path.join(directory, "chat_template.jinja")
+  if os.path.exists(jinja):
+    with open(jinja) as f:
+      return f.read()
+  path = os.path.join(directory, "chat_template.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f).get("chat_template")
+  return None
 
 
 def _hf_config_of_converted(directory: str):
@@ -301,6 +368,7 @@ def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory")
   image_params, image_kind, hf_config = None, None, None
+  processor = checkpoint.read_processor_config(path)
   if checkpoint.is_converted(path):
     config, meta = checkpoint.read_meta(path)
     shardings = param_shardings(param_shapes(config), mesh) if mesh is not None else None
@@ -311,11 +379,12 @@ def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
       image_params = checkpoint.restore_params(path, subdir=IMAGE_PARAMS_DIR)
       hf_config = _hf_config_of_converted(path)
   elif os.path.exists(os.path.join(path, "config.json")):
-    from checkpoints_convert.convert import load_in_memory
+    from checkpoints_convert.convert import load_in_memory, processor_config
 
     stored = dtype or "float32"
     config, params, image_params, hf_config = load_in_memory(path, dtype=stored,
                                                              allow_pickle=allow_pickle)
+    processor = processor_config(path, hf_config)
     image_kind = IMAGE_SIDES[hf_config.model_type](hf_config).kind if image_params else None
     if mesh is not None:
       params = jax.tree.map(jax.device_put, params, param_shardings(param_shapes(config), mesh))
@@ -330,9 +399,10 @@ def load(path: str, *, mesh: Optional[Mesh] = None, dtype: Optional[str] = None,
   images = None
   if image_kind and tokenizer is not None:  # without one, prompts cannot be built: ids only
     images = IMAGE_READERS[image_kind](hf_config, jax.tree.map(jnp.asarray, image_params),
-                                       tokenizer, _processor_config(path))
+                                       tokenizer, processor, dtype=dtype)
   vlm = VLM(config, params, tokenizer=tokenizer, mesh=mesh, dtype=dtype,
-            name=os.path.basename(os.path.normpath(path)), images=images)
+            name=os.path.basename(os.path.normpath(path)), images=images,
+            chat_template=_chat_template(path))
   eos = eos_id_from_checkpoint(path)
   if eos is not None:
     vlm.eos_id = eos

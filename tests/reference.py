@@ -116,6 +116,9 @@ _MODEL_CLASSES = {
     transformers.Emu3TextConfig: transformers.Emu3ForCausalLM,
     transformers.Emu3Config: transformers.Emu3ForConditionalGeneration,
     transformers.JanusConfig: transformers.JanusForConditionalGeneration,
+    transformers.LlavaConfig: transformers.LlavaForConditionalGeneration,
+    transformers.LlavaNextConfig: transformers.LlavaNextForConditionalGeneration,
+    transformers.LlavaOnevisionConfig: transformers.LlavaOnevisionForConditionalGeneration,
 }
 
 

@@ -48,7 +48,8 @@ def test_chameleon_ids_equal_the_processor(chameleon):
   for prompt, image in zip(PROMPTS, _images()):
     theirs = processor(images=[image], text=[prompt], return_for_text_completion=True,
                        return_tensors="np")["input_ids"][0]
-    ids, roles = tokenize_prompt(tokenizer, prompt, [tokens.span(placeholder, np.full(4, placeholder))])
+    out = tokenize_prompt(tokenizer, prompt, [tokens.span(placeholder, np.full(4, placeholder))])
+    ids, roles = out.ids, out.roles
     np.testing.assert_array_equal(ids, theirs)
     eoi = tokenizer.convert_tokens_to_ids("<eoss>")
     assert [Role(r) for r in roles[ids == eoi]] == [Role.IMAGE_END]
@@ -62,9 +63,10 @@ def test_emu3_ids_equal_the_processor(emu3):
   for prompt, image in zip(PROMPTS, _images()):
     out = processor(images=[image], text=[prompt], return_tensors="np")
     h, w = (np.asarray(out["image_sizes"][0]) // 8).tolist()
-    ids, roles = tokenize_prompt(tokenizer, prompt,
-                                 [tokens.span(placeholder, np.full((h, w), placeholder), placeholder)],
-                                 prefix=tokenizer.bos_token)
+    tokenized = tokenize_prompt(
+        tokenizer, prompt, [tokens.span(placeholder, np.full((h, w), placeholder), placeholder)],
+        prefix=tokenizer.bos_token)
+    ids, roles = tokenized.ids, tokenized.roles
     np.testing.assert_array_equal(ids, out["input_ids"][0])
     assert (roles == Role.IMAGE).sum() == h * w and (roles == Role.IMAGE_BREAK).sum() == h
 
@@ -78,7 +80,7 @@ def test_roles_and_selectors_in_a_batch(emu3):
   seqs = [tokenize_prompt(tokenizer, p, [tokens.span(tokenizer.image_token_id, c, vmap["<|extra_200|>"])],
                           prefix=tokenizer.bos_token, question=q, index=i)
           for i, (p, q, c) in enumerate(zip(PROMPTS, QUESTIONS, codes))]
-  batch = left_pad([s[0] for s in seqs], [s[1] for s in seqs], pad_id=0)
+  batch = left_pad([s.ids for s in seqs], [s.roles for s in seqs], pad_id=0)
   ids = np.asarray(batch.input_ids)
   for b, c in enumerate(codes):
     eoi = np.flatnonzero(select("eoi", batch.roles)[b])

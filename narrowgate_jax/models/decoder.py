@@ -170,8 +170,10 @@ def _gather_positions(x: jax.Array, index: jax.Array) -> jax.Array:
 class Decoder(nn.Module):
   """Token ids (or embeddings) -> logits, with captures and interventions.
 
-  __call__(input_ids [B, T] | None, positions [B, T], attention_mask [B, T] bool, interventions,
-  plan, embeddings [B, T, D] | None) -> dict with "logits" [B, T, V] float32 and the captures.
+  __call__(input_ids [B, T], positions [B, T], attention_mask [B, T] bool, interventions, plan,
+  features [B, T, D] | None, feature_mask [B, T] bool | None) -> dict with "logits" [B, T, V]
+  float32 and the captures. Where `feature_mask` is True the input embedding is `features` (a
+  non-native VLM's projected image features) instead of the token's embedding.
   `prefill` and `decode` are the two halves of cached generation (see `narrowgate_jax.generate`).
   """
 
@@ -189,12 +191,18 @@ class Decoder(nn.Module):
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=jnp.float32)
 
-  def _prompt_pass(self, input_ids, positions, attention_mask, interventions, plan, embeddings,
-                   keep_kv: bool):
+  def _embed(self, input_ids, features, feature_mask):
+    x = self.embed(input_ids)
+    if features is None:
+      return x
+    return jnp.where(feature_mask[..., None], features.astype(self.dtype), x)
+
+  def _prompt_pass(self, input_ids, positions, attention_mask, interventions, plan, features,
+                   feature_mask, keep_kv: bool):
     """The layer scan over a whole prompt -> (embeddings [B, T, D], last layer's output
     [B, T, D], attention buffer or None, what the layers emitted, stacked on [L])."""
     c = self.config
-    x = self.embed(input_ids) if embeddings is None else embeddings.astype(self.dtype)
+    x = self._embed(input_ids, features, feature_mask)
     cos, sin = rope_tables(positions, c)
     b, t = attention_mask.shape
     inputs = LayerInputs(cos=cos, sin=sin, query_index=jnp.arange(t), key_real=attention_mask,
@@ -209,9 +217,11 @@ class Decoder(nn.Module):
     return x, x_out, attn_buffer, emitted
 
   def __call__(self, input_ids, positions, attention_mask, interventions: Interventions,
-               plan: CapturePlan, embeddings: Optional[jax.Array] = None):
+               plan: CapturePlan, features: Optional[jax.Array] = None,
+               feature_mask: Optional[jax.Array] = None):
     x, x_out, attn_buffer, emitted = self._prompt_pass(
-        input_ids, positions, attention_mask, interventions, plan, embeddings, keep_kv=False)
+        input_ids, positions, attention_mask, interventions, plan, features, feature_mask,
+        keep_kv=False)
     out = {"logits": self.unembed(self.final_norm(x_out))}
     if plan.resid:
       first = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
@@ -223,13 +233,13 @@ class Decoder(nn.Module):
     return out
 
   def prefill(self, input_ids, positions, attention_mask, interventions: Interventions,
-              embeddings: Optional[jax.Array] = None):
+              features: Optional[jax.Array] = None, feature_mask: Optional[jax.Array] = None):
     """The prompt pass of generation (left-padded: the last position is every example's last).
 
     Returns (logits at the last position [B, V] float32, (keys, values) [L, B, T, K, H]).
     """
     _, x_out, _, emitted = self._prompt_pass(input_ids, positions, attention_mask, interventions,
-                                             CapturePlan(), embeddings, keep_kv=True)
+                                             CapturePlan(), features, feature_mask, keep_kv=True)
     return self.unembed(self.final_norm(x_out[:, -1:]))[:, 0], emitted["kv"]
 
   def decode(self, token_ids, positions, cache_index, key_real, cache,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Container, Iterator, Optional
+from typing import Any, Callable, Container, Iterator, Mapping, Optional, Sequence
 
+import flax
+import jax
 import numpy as np
 
 from narrowgate_jax.models.config import DecoderConfig
@@ -185,6 +187,17 @@ def _tied_at_top(top, text) -> dict:
   return dict(tie_embeddings=bool(getattr(top, "tie_word_embeddings", False)))
 
 
+def _llava_overrides(top, text) -> dict:
+  """A LLaVA-style model's language model reads as its own family (Llama, Mistral, Qwen2)."""
+  return {**FAMILIES[text.model_type].overrides(top, text), **_tied_at_top(top, text)}
+
+
+# LLaVA-style checkpoints written by save_pretrained keep the legacy names
+# ("language_model.model.*"); newer conversions on the Hub use the in-memory names.
+_LLAVA_LM = dict(text_config=lambda cfg: cfg.text_config, overrides=_llava_overrides,
+                 lm_head_keys=("language_model.lm_head.weight", "lm_head.weight"))
+_LLAVA_LM_PREFIXES = ("language_model.model.", "model.language_model.")
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", ("model.",)),
     "mistral": Family("mistral", ("model.",)),
@@ -196,7 +209,38 @@ FAMILIES: dict[str, Family] = {
     "emu3_text_model": Family("emu3", ("model.",)),
     "janus": Family("janus", ("model.language_model.",), text_config=lambda cfg: cfg.text_config,
                     overrides=_tied_at_top),
+    "llava": Family("llava", _LLAVA_LM_PREFIXES, **_LLAVA_LM),
+    "llava_next": Family("llava_next", _LLAVA_LM_PREFIXES, **_LLAVA_LM),
+    "llava_onevision": Family("llava_onevision", _LLAVA_LM_PREFIXES, **_LLAVA_LM),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSide:
+  """A family's image side as the converter sees it (native: the VQ image tokenizer; non-native:
+  the vision tower, projector and newline).
+
+  Attributes:
+    kind: the reader that runs it ("chameleon_vq", "emu3_vq", "llava", "llava_next", ...).
+    config: its config (a frozen dataclass: the VQ's or the vision tower's).
+    sources: every checkpoint tensor it reads.
+    shapes: "a/b/c" parameter path -> shape (stacked layers first).
+    num_layers: the depth of its per-layer sources (0: none).
+    dtype: the stored dtype ("float32"), or None to store it as the language model is.
+  """
+
+  kind: str
+  config: Any
+  sources: tuple[TensorSource, ...]
+  shapes: dict
+  num_layers: int = 0
+  dtype: Optional[str] = None
+
+
+def flat_shapes(tree, prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """A tree of arrays (or shape structs) -> {prefix + "a/b/c": shape}."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {prefix + "/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def first_present(candidates: tuple[str, ...], suffix: str,
@@ -236,3 +280,38 @@ def iter_layer_keys(source: TensorSource, num_layers: int) -> Iterator[tuple[int
       yield i, source.key.format(i=i)
   else:
     yield None, source.key
+
+
+def params_from_state(sources: Sequence[TensorSource], shape_tree,
+                      state: Mapping[str, Any], num_layers: int = 0) -> dict:
+  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
+  float32 numpy arrays, through `sources`; per-layer sources are read for layers
+  0..num_layers-1 and stacked on a leading axis. Keys the table does not name are ignored.
+
+  Raises KeyError naming a missing tensor (and layer), ValueError naming one whose shape differs
+  from what the config implies, AssertionError if the table misses a parameter of `shape_tree`.
+  """
+  shapes = flat_shapes(shape_tree)
+  flat = {}
+  for source in sources:
+    if source.path not in shapes:
+      raise AssertionError(f"the table names {source.path!r}, which the module does not have")
+    ours = shapes[source.path]
+    layers = range(num_layers) if source.per_layer else [None]
+    slice_shape = ours[1:] if source.per_layer else ours
+    blocks = []
+    for i in layers:
+      key = source.key if i is None else source.key.format(i=i)
+      if key not in state:
+        where = "" if i is None else f", layer {i}"
+        raise KeyError(f"state lacks tensor {key!r} (needed for parameter {source.path}{where})")
+      tensor = np.asarray(state[key], dtype=np.float32)
+      expected = tuple(source.layout.torch_shape(slice_shape))
+      if tensor.shape != expected:
+        raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
+                         f"{expected}")
+      blocks.append(source.layout.to_ours(tensor, slice_shape))
+    flat[source.path] = np.ascontiguousarray(np.stack(blocks) if source.per_layer else blocks[0])
+  if set(flat) != set(shapes):  # the table and the module must describe the same tree
+    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
+  return flax.traverse_util.unflatten_dict(flat, sep="/")

@@ -8,6 +8,7 @@ Axis legend used in einsum strings throughout `narrowgate_jax.models`:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -17,7 +18,29 @@ import numpy as np
 
 from narrowgate_jax.models.config import DecoderConfig
 
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+
+
+def _quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers' ACT2FN names -> functions. torch's "gelu" is the exact erf form; the tanh forms
+# ("gelu_pytorch_tanh", "gelu_new") are jax's approximate=True.
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+  """A transformers activation name -> the function; a clear error for one we lack."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 class RMSNorm(nn.Module):
@@ -105,6 +128,6 @@ class GatedMLP(nn.Module):
     c = self.config
     dense = lambda features, name: nn.Dense(  # noqa: E731
         features, use_bias=c.mlp_bias, dtype=x.dtype, param_dtype=jnp.float32, name=name)
-    hidden = ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, "gate")(x))
+    hidden = activation(c.hidden_act)(dense(c.intermediate_size, "gate")(x))
     hidden = hidden * dense(c.intermediate_size, "up")(x)
     return dense(c.hidden_size, "down")(hidden)

@@ -5,50 +5,22 @@ runs the family's VQ tokenizer here (jitted, float32) and puts the code tokens s
 `input_ids`, where transformers inserts placeholder tokens and swaps their embeddings later: the
 decoder sees the same embeddings either way.
 
-`ImageSide` is what the converter and the loader need to know about a family's image tokenizer:
-its kind, config, checkpoint tensors and parameter shapes. Only the encode path is converted; the
-VQ decoders (image generation) are skipped and listed as unconverted in narrowgate.json.
-VQ parameters are always stored in float32: codes are an argmin, and bf16 weights could flip one.
+Only the encode path is converted (`chameleon_side`, `emu3_side`); the VQ decoders (image
+generation) are skipped and listed as unconverted in narrowgate.json. VQ parameters are always
+stored in float32: codes are an argmin, and bf16 weights could flip one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
 from narrowgate_jax.models import chameleon_vq, emu3_vq
-from narrowgate_jax.models.families import TensorSource, first_present
+from narrowgate_jax.models.families import ImageSide, TensorSource, first_present, flat_shapes
 from narrowgate_jax.models.native_spans import ChameleonTokens, Emu3Tokens
 from narrowgate_jax.processing import images as im
 from narrowgate_jax.processing.prompts import ImageSpan
-
-IMAGE_PARAMS_DIR = "image_params"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSide:
-  """A family's image tokenizer as the converter sees it.
-
-  Attributes:
-    kind: "chameleon_vq" or "emu3_vq".
-    config: the VQ config (a frozen dataclass).
-    sources: every checkpoint tensor it reads.
-    shapes: "a/b/c" parameter path -> shape.
-  """
-
-  kind: str
-  config: Any
-  sources: tuple[TensorSource, ...]
-  shapes: dict
-
-
-def _flat_shapes(tree) -> dict:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
 
 VQ_PREFIXES = ("model.vqmodel.", "vqmodel.")  # in memory / as save_pretrained writes Emu3
 
@@ -57,7 +29,8 @@ def _side(kind: str, module, config, keys) -> ImageSide:
   prefix = first_present(VQ_PREFIXES, "quantize.embedding.weight", keys)
   sources = tuple(TensorSource(path, key, layout, per_layer=False)
                   for path, key, layout in module.vq_tensor_sources(config, prefix=prefix))
-  return ImageSide(kind, config, sources, _flat_shapes(module.vq_param_shapes(config)))
+  return ImageSide(kind, config, sources, flat_shapes(module.vq_param_shapes(config)),
+                   dtype="float32")
 
 
 def chameleon_side(hf_config, keys=None) -> ImageSide:
@@ -74,7 +47,9 @@ class ChameleonImages:
 
   prefix = ""  # the tokenizer adds BOS itself
 
-  def __init__(self, hf_config, params, tokenizer, processor_config: Optional[dict] = None):
+  def __init__(self, hf_config, params, tokenizer, processor_config: Optional[dict] = None,
+               dtype=None):
+    del dtype  # the VQ encoder always runs in float32 (see the module docstring)
     # Chat mode ends every prompt with the separator token, as ChameleonProcessor does by default;
     # the Narrow Gate study uses text-completion mode (no separator).
     self.chat_suffix = getattr(tokenizer, "sep_token", None)
@@ -85,7 +60,8 @@ class ChameleonImages:
     self.placeholder_id = tokenizer.convert_tokens_to_ids(self.tokens.placeholder)
     self.table = chameleon_vq.img2bpe_table(hf_config.vocabulary_map)
 
-  def spans(self, images: Sequence) -> list[ImageSpan]:
+  def spans(self, images: Sequence, counts: Optional[Sequence[int]] = None) -> list[ImageSpan]:
+    del counts  # images per prompt: only OneVision reads shared prompts differently
     pixels = np.stack([im.chameleon_pixels(image, self.spec) for image in images])
     codes = np.asarray(chameleon_vq.encode_codes(self.params, self.config, pixels))
     ids = chameleon_vq.codes_to_token_ids(self.table, codes)
@@ -99,7 +75,9 @@ class Emu3Images:
   together, so an image's codes can depend on the other images' sizes in that call.
   """
 
-  def __init__(self, hf_config, params, tokenizer, processor_config: Optional[dict] = None):
+  def __init__(self, hf_config, params, tokenizer, processor_config: Optional[dict] = None,
+               dtype=None):
+    del dtype  # the VQ encoder always runs in float32 (see the module docstring)
     self.config = emu3_vq.Emu3VQConfig.from_hf(hf_config.vq_config)
     self.params = params
     self.spec = im.Emu3ImageSpec.from_processor_config(processor_config or {})
@@ -110,12 +88,8 @@ class Emu3Images:
     self.prefix = tokenizer.bos_token or ""  # Emu3's processor writes BOS into the text
     self.chat_suffix = None  # Emu3's chat format is its chat template: format prompts with it
 
-  def spans(self, images: Sequence) -> list[ImageSpan]:
+  def spans(self, images: Sequence, counts: Optional[Sequence[int]] = None) -> list[ImageSpan]:
+    del counts  # images per prompt: only OneVision reads shared prompts differently
     pixels, sizes = im.pad_to_batch([im.emu3_pixels(image, self.spec) for image in images])
     grids = emu3_vq.encode_codes(self.params, self.config, pixels, sizes)
     return [self.tokens.span(self.placeholder_id, self.table[grid], self.eol_id) for grid in grids]
-
-
-# Keyed by model_type: Emu3ForCausalLM checkpoints ("emu3_text_model") have no image side.
-IMAGE_SIDES = {"chameleon": chameleon_side, "emu3": emu3_side}
-IMAGE_READERS = {"chameleon_vq": ChameleonImages, "emu3_vq": Emu3Images}

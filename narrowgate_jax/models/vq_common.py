@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from narrowgate_jax.models.families import SAME, Layout
+from narrowgate_jax.models import families
+from narrowgate_jax.models.families import SAME, Layout, TensorSource
 
 PRECISION = jax.lax.Precision.HIGHEST
 GROUPS = 32  # torch.nn.GroupNorm(num_groups=32, ...) in both encoders
@@ -184,24 +183,7 @@ def block_sources(ours: str, theirs: str, has_shortcut: bool) -> Sources:
 
 def params_from_state(sources: Sequence[tuple[str, str, Layout]], shape_tree,
                       state: Mapping[str, Any]) -> dict:
-  """A full-array torch state (key -> array; torch CPU tensors also work) -> our params tree of
-  float32 numpy arrays, through `sources`. Keys the table does not name are ignored.
-
-  Raises KeyError naming a missing tensor, ValueError naming one whose shape differs from what
-  the config implies, AssertionError if the table misses a parameter of `shape_tree`.
-  """
-  shapes = {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in
-            jax.tree_util.tree_flatten_with_path(shape_tree)[0]}
-  flat = {}
-  for ours, key, layout in sources:
-    if key not in state:
-      raise KeyError(f"state lacks tensor {key!r} (needed for parameter {ours})")
-    tensor = np.asarray(state[key], dtype=np.float32)
-    expected = tuple(layout.torch_shape(shapes[ours]))
-    if tensor.shape != expected:
-      raise ValueError(f"tensor {key!r} has shape {tensor.shape}, but the config implies "
-                       f"{expected}")
-    flat[ours] = np.ascontiguousarray(layout.to_ours(tensor, shapes[ours]))
-  if set(flat) != set(shapes):  # the table and the module must describe the same tree
-    raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
+  """`families.params_from_state` for a VQ table of (our path, checkpoint key, layout) triples
+  (no per-layer tensors)."""
+  return families.params_from_state([TensorSource(p, k, layout, per_layer=False)
+                                     for p, k, layout in sources], shape_tree, state)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
@@ -19,11 +19,22 @@ class Batch:
     input_ids: [B, T] int32 token ids (pad positions hold the pad id).
     positions: [B, T] int32 rotary positions: 0 at each example's first real token.
     roles: [B, T] int32 values of `Role`; `Role.PAD` marks padding.
+    features: [B, T, D] float, or None: input embeddings that replace the token embeddings where
+      `feature_mask` is True (non-native VLMs: projected vision-tower features and learned image
+      newlines, computed once by `vlm.prepare`).
+    feature_mask: [B, T] bool, or None.
+    image_coords: [B, T, 4] int32, or None: for each image token (image index in its prompt,
+      view, row, col), where view 0 is the base view and 1.. the high-resolution tiles, and
+      (row, col) the patch in that view's grid; -1 for every other token. Maps a region of the
+      picture to token positions.
   """
 
   input_ids: jax.Array
   positions: jax.Array
   roles: jax.Array
+  features: Optional[jax.Array] = None
+  feature_mask: Optional[jax.Array] = None
+  image_coords: Optional[jax.Array] = None
 
   @property
   def attention_mask(self):
@@ -36,11 +47,15 @@ class Batch:
 
 
 def left_pad(sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]], pad_id: int,
-             length: int | None = None) -> Batch:
+             length: int | None = None, features: Optional[Sequence[np.ndarray]] = None,
+             feature_masks: Optional[Sequence[np.ndarray]] = None,
+             coords: Optional[Sequence[np.ndarray]] = None) -> Batch:
   """Token and role sequences of different lengths -> one left-padded `Batch` (numpy arrays).
 
   Left padding keeps every example's last prompt token at position T - 1, which is where
   generation continues from.
+  features, feature_masks, coords: optionally, per example, [t, D] input embeddings, [t] bool
+    where they apply, [t, 4] image coordinates (see `Batch`).
   """
   longest = max(len(s) for s in sequences)
   length = longest if length is None else length
@@ -56,4 +71,18 @@ def left_pad(sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]],
       role_arr[b, length - len(seq):] = rol
   real = role_arr != Role.PAD
   positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
-  return Batch(input_ids=ids, positions=positions, roles=role_arr)
+  batch = Batch(input_ids=ids, positions=positions, roles=role_arr)
+  if features is not None:
+    batch = batch.replace(features=_left_pad_rows(features, length, 0.0),
+                          feature_mask=_left_pad_rows(feature_masks, length, False))
+  if coords is not None:
+    batch = batch.replace(image_coords=_left_pad_rows(coords, length, -1))
+  return batch
+
+
+def _left_pad_rows(rows: Sequence[np.ndarray], length: int, fill) -> np.ndarray:
+  """Per-example arrays [t_b, ...] -> [B, length, ...], each right-aligned, `fill` before it."""
+  out = np.full((len(rows), length) + rows[0].shape[1:], fill, rows[0].dtype)
+  for b, r in enumerate(rows):
+    out[b, length - len(r):] = r
+  return out

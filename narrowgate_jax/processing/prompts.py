@@ -1,14 +1,18 @@
 """Prompts with images -> token ids and roles, for families that read images as tokens.
 
 A family says what one image becomes in the text (`ImageSpan.text`: its start tokens,
-`placeholder` tokens, its end tokens) and which ids replace the placeholders. The expanded text is
-tokenized by the checkpoint's own tokenizer, exactly as the transformers processor does, so the
-ids match it by construction. Roles come from where each token falls:
+`placeholder` tokens, its end tokens) and which ids (native families) or input embeddings
+(non-native ones) replace the placeholders. The expanded text is tokenized by the checkpoint's own
+tokenizer, exactly as the transformers processor does, so the ids match it by construction. Roles
+come from where each token falls:
 
   before the image span / after it   BOS, or TEXT (the user's question) / TEMPLATE (the rest)
   span tokens before the first placeholder   IMAGE_START (Emu3: also its "h*w" size text)
-  the placeholders                   the image's own roles (IMAGE; Emu3's row ends IMAGE_BREAK)
-  span tokens after the last placeholder     IMAGE_END (the gate: Chameleon's <eoss>, Emu3's two)
+  the placeholders                   the image's own roles (IMAGE; Emu3's row ends and LLaVA-NeXT's
+                                     newlines IMAGE_BREAK)
+  span tokens between placeholders   IMAGE_BREAK (Pixtral's [IMG_BREAK])
+  span tokens after the last placeholder     IMAGE_END (the gate: Chameleon's <eoss>, Emu3's two,
+                                     Pixtral's [IMG_END], Janus's <end_of_image>)
 """
 
 from __future__ import annotations
@@ -32,12 +36,35 @@ class ImageSpan:
     placeholder_id: the id of the placeholder token in that text.
     ids: [n] the token ids that replace the n placeholders, in order.
     roles: [n] their roles.
+    features: [n, D] input embeddings of the placeholders (non-native families), or None.
+    coords: [n, 3] (view, row, col) of each placeholder's patch, -1 where it has none, or None.
   """
 
   text: str
   placeholder_id: int
   ids: np.ndarray
   roles: np.ndarray
+  features: Optional[np.ndarray] = None
+  coords: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTokens:
+  """One tokenized prompt.
+
+  Attributes:
+    ids: [T] token ids. roles: [T] `Role` values.
+    features: [T, D] input embeddings where `feature_mask` is True (zeros elsewhere), or None
+      when no image of the prompt brings embeddings.
+    feature_mask: [T] bool, or None.
+    coords: [T, 4] (image index in the prompt, view, row, col), -1 elsewhere, or None.
+  """
+
+  ids: np.ndarray
+  roles: np.ndarray
+  features: Optional[np.ndarray] = None
+  feature_mask: Optional[np.ndarray] = None
+  coords: Optional[np.ndarray] = None
 
 
 def count_markers(prompt: str) -> int:
@@ -73,12 +100,16 @@ def _question_range(prompt: str, question: Optional[str], shifts, index: int):
 
 def tokenize_prompt(tokenizer, prompt: str, spans: Sequence[ImageSpan], *, index: int = 0,
                     prefix: str = "", suffix: str = "", question: Optional[str] = None,
-                    add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """A prompt with `len(spans)` "<image>" markers -> (token ids [T], roles [T]).
+                    add_special_tokens: bool = True,
+                    wrappers: tuple[Optional[int], Optional[int]] = (None, None)) -> PromptTokens:
+  """A prompt with `len(spans)` "<image>" markers -> its `PromptTokens`.
 
   prefix / suffix: text the family's processor puts around every prompt (Emu3's BOS).
   question: the user's part of the prompt; its tokens get Role.TEXT and the other text tokens
     Role.TEMPLATE. Without it every text token is Role.TEXT.
+  wrappers: token ids that, right before / right after an image span, belong to it as its
+    IMAGE_START / IMAGE_END (OneVision's <|im_start|> <image> <|im_end|>, as the Narrow Gate study
+    wraps the image).
   """
   markers = count_markers(prompt)
   if markers != len(spans):
@@ -99,14 +130,62 @@ def tokenize_prompt(tokenizer, prompt: str, spans: Sequence[ImageSpan], *, index
   if ids.size and ids[0] == bos:
     roles[0] = Role.BOS
 
-  for span, (lo, hi) in zip(spans, ranges):
+  with_features = any(span.features is not None for span in spans)
+  width = next((span.features.shape[-1] for span in spans if span.features is not None), 0)
+  features = np.zeros((ids.size, width), np.float32) if with_features else None
+  feature_mask = np.zeros(ids.shape, bool) if with_features else None
+  coords = (np.full((ids.size, 4), -1, np.int32)
+            if any(span.coords is not None for span in spans) else None)
+  for image, (span, (lo, hi)) in enumerate(zip(spans, ranges)):
     inside = np.flatnonzero((starts >= lo) & (starts < hi))
-    slots = inside[ids[inside] == span.placeholder_id]
+    is_slot = ids[inside] == span.placeholder_id
+    slots = inside[is_slot]
     if slots.size != span.ids.size:
       raise ValueError(f"prompt {index}: the image span tokenized into {slots.size} placeholders, "
                        f"expected {span.ids.size}")
     roles[inside[inside < slots[0]]] = Role.IMAGE_START
     roles[inside[inside > slots[-1]]] = Role.IMAGE_END
+    roles[inside[~is_slot & (inside > slots[0]) & (inside < slots[-1])]] = Role.IMAGE_BREAK
+    _claim_wrappers(ids, roles, inside[0], inside[-1], wrappers)
     ids[slots] = span.ids
     roles[slots] = span.roles
-  return ids, roles
+    if span.features is not None:
+      features[slots] = span.features
+      feature_mask[slots] = True
+    if span.coords is not None:
+      coords[slots, 0] = np.where(span.coords[:, 0] >= 0, image, -1)
+      coords[slots, 1:] = span.coords
+  return PromptTokens(ids, roles, features, feature_mask, coords)
+
+
+def _claim_wrappers(ids, roles, first: int, last: int, wrappers) -> None:
+  """Template tokens `wrappers` right around a span [first, last] join it as its boundaries."""
+  before, after = wrappers
+  if before is not None and first > 0 and ids[first - 1] == before:
+    roles[first - 1] = Role.IMAGE_START
+  if after is not None and last + 1 < ids.size and ids[last + 1] == after:
+    roles[last + 1] = Role.IMAGE_END
+
+
+def apply_chat_template(tokenizer, template: str, prompt: str, image_text: str) -> str:
+  """A prompt with "<image>" markers -> the same prompt in the checkpoint's chat template, as one
+  user turn followed by the assistant's generation prompt.
+
+  The template sees the images as {"type": "image"} content items, as the processor's
+  `apply_chat_template` passes them, and writes `image_text` for each (LLaVA "<image>", Pixtral
+  "[IMG]", Janus "<image_placeholder>"); those become "<image>" markers again.
+  """
+  content = []
+  for i, piece in enumerate(prompt.split(IMAGE_MARKER)):
+    if i:
+      content.append({"type": "image"})
+    if piece:
+      content.append({"type": "text", "text": piece})
+  text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                       chat_template=template, tokenize=False,
+                                       add_generation_prompt=True)
+  templated = text.replace(image_text, IMAGE_MARKER)
+  if count_markers(templated) != count_markers(prompt):
+    raise ValueError(f"the chat template wrote {count_markers(templated)} image(s) for a prompt "
+                     f"with {count_markers(prompt)}: {text!r}")
+  return templated
