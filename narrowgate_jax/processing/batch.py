@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import flax.struct
@@ -86,3 +87,46 @@ def _left_pad_rows(rows: Sequence[np.ndarray], length: int, fill) -> np.ndarray:
   for b, r in enumerate(rows):
     out[b, length - len(r):] = r
   return out
+
+
+def pad_to(batch: Batch, length: int, pad_id: int) -> Batch:
+  """A left-padded batch (numpy arrays) -> the same batch padded on the left to `length`
+  positions (a bucket), so batches of different prompts share one compiled shape."""
+  current = batch.shape[1]
+  if length < current:
+    raise ValueError(f"length={length} is shorter than the batch's {current} positions")
+  extra = length - current
+  fills = {"input_ids": pad_id, "positions": 0, "roles": int(Role.PAD), "features": 0.0,
+           "feature_mask": False, "image_coords": -1}
+
+  def grow(name, x):
+    if x is None:
+      return None
+    x = np.asarray(x)
+    widths = [(0, 0), (extra, 0)] + [(0, 0)] * (x.ndim - 2)
+    return np.pad(x, widths, constant_values=fills[name])
+
+  return Batch(**{f.name: grow(f.name, getattr(batch, f.name))
+                  for f in dataclasses.fields(Batch)})
+
+
+def concatenate(batches: Sequence[Batch]) -> Batch:
+  """Batches of equal length -> one batch (numpy arrays). Optional fields present in some
+  batches only are filled for the others (no features: mask False; no coordinates: -1)."""
+  lengths = {b.shape[1] for b in batches}
+  if len(lengths) != 1:
+    raise ValueError(f"batches of different lengths {sorted(lengths)}: pad them first (pad_to)")
+
+  def field(name):
+    present = [getattr(b, name) for b in batches if getattr(b, name) is not None]
+    if not present:
+      return None
+    like = np.asarray(present[0])
+    fill = {"features": 0.0, "feature_mask": False, "image_coords": -1}[name]
+    return np.concatenate([
+        np.asarray(getattr(b, name)) if getattr(b, name) is not None
+        else np.full(b.shape + like.shape[2:], fill, like.dtype) for b in batches])
+
+  required = {n: np.concatenate([np.asarray(getattr(b, n)) for b in batches])
+              for n in ("input_ids", "positions", "roles")}
+  return Batch(**required, **{n: field(n) for n in ("features", "feature_mask", "image_coords")})

@@ -1,0 +1,206 @@
+"""The experiment runner: a config and a workdir in, records, metrics, figures and a report out.
+
+  run(config, workdir)    what `python -m experiments.run` calls
+
+Order of work, so that bad input fails in one line before anything compiles: the experiment
+name, the dataset (it must exist and have examples), the model path, the workdir (writable; the
+same config as any earlier run there), then the model is loaded and the examples not yet fully
+recorded are processed.
+
+Batching streams: each example is prepared on its own (`vlm.prepare`: tokenizer, image
+encoder), queued under the bucket its token count falls in (`runs.batching`), and a bucket's
+queue runs as one batch, padded to the bucket's length, once it holds `batch_size` examples; what
+is left at the end runs with filler rows (copies of a queued example, whose records are dropped).
+With a fixed batch size a dataset therefore compiles at most one forward per bucket used, and
+memory holds at most batch_size prepared examples per bucket.
+
+Data parallel: the model is loaded on a (data, model) mesh of this process's devices
+(`config.mesh`), so each batch is split over `data` and the parameters over `model`. With several
+processes (hosts), each reads only its share of the dataset (example i on process i % count) and
+writes its own records file; after one barrier, process 0 computes the metrics from all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from narrowgate_jax.data import Example, load_dataset, shard
+from narrowgate_jax.processing.batch import Batch, concatenate, pad_to
+from narrowgate_jax.runs import report
+from narrowgate_jax.runs.batching import bucket_length, default_buckets, plan_batches
+from narrowgate_jax.runs.experiment import Experiment, build
+from narrowgate_jax.runs.records import RecordStore
+from narrowgate_jax.runs.workdir import Workdir, provenance
+
+
+@dataclasses.dataclass
+class _Queue:
+  """Prepared examples waiting for their bucket's batch to fill."""
+
+  examples: list
+  batches: list
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> tuple[Experiment, object]:
+  """The experiment and the dataset (this process's share), or a one-line error."""
+  experiment = build(config)
+  dataset = load_dataset(config.data.path)
+  if len(dataset) == 0:
+    raise ValueError(f"dataset {config.data.path} has no examples")
+  if config.data.get("limit"):
+    dataset = _first(dataset, int(config.data.limit))
+  dataset = shard(dataset, jax.process_index(), jax.process_count())
+  if not os.path.isdir(config.model.path):
+    raise FileNotFoundError(f"model path {config.model.path} does not exist (config.model.path)")
+  return experiment, dataset
+
+
+def _first(dataset, n: int):
+  from narrowgate_jax.data import ListDataset
+
+  return ListDataset(dataset.name, [dataset[i] for i in range(min(n, len(dataset)))])
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """config.mesh (data, model) -> a Mesh over this process's devices, or None for one device.
+
+  Each process's mesh holds only its own devices: examples are independent, so processes need
+  no collective until the end, and each runs at its own pace (its share of the dataset can
+  bucket into different shapes and batch counts without any process waiting on another)."""
+  import narrowgate_jax as ng
+
+  data, model = int(config.mesh.data), int(config.mesh.model)
+  if data == -1:
+    data = max(1, jax.local_device_count() // model)
+  if data == 1 and model == 1:
+    return None
+  return ng.make_mesh(data=data, model=model, devices=jax.local_devices()[:data * model])
+
+
+def records_file(workdir: Workdir, process: Optional[int] = None) -> str:
+  """records.jsonl; with several processes, records.<process>.jsonl for each."""
+  if jax.process_count() == 1:
+    return workdir.records_jsonl
+  index = jax.process_index() if process is None else process
+  return workdir.records_jsonl.replace(".jsonl", f".{index}.jsonl")
+
+
+def run(config: ml_collections.ConfigDict, workdir_path: str, *, dry_run: bool = False,
+        progress: bool = True) -> Optional[dict]:
+  """Runs (or resumes) `config` in `workdir_path`; returns the metrics (None for a dry run)."""
+  import narrowgate_jax as ng
+
+  experiment, dataset = check_inputs(config)
+  mesh = make_mesh(config)
+  workdir = None
+  if not dry_run:
+    workdir = Workdir(workdir_path).open(config.to_dict(), provenance(mesh))
+  vlm = ng.load(config.model.path, mesh=mesh, dtype=config.model.get("dtype") or None)
+  conditions = experiment.conditions(vlm)
+  buckets = _buckets(config, vlm)
+  if dry_run:
+    print_dry_run(config, vlm, experiment, dataset, conditions, buckets)
+    return None
+  store = RecordStore(records_file(workdir))
+  todo = [dataset[i] for i in range(len(dataset)) if store.missing(dataset[i].id, conditions)]
+  _process(config, vlm, experiment, todo, buckets, store, progress)
+  return finish(experiment, workdir)
+
+
+def _buckets(config, vlm) -> tuple[int, ...]:
+  if not config.buckets:
+    return tuple(default_buckets(vlm.config.max_positions or 4096))
+  return tuple(int(b) for b in config.buckets)
+
+
+def prepare_one(config, vlm, experiment: Experiment, example: Example) -> Batch:
+  prompt, question = experiment.prompts(example)
+  images = [list(example.images)] if example.images else None
+  return vlm.prepare(images=images, prompts=[prompt],
+                     questions=[question] if question is not None else None,
+                     chat=bool(config.model.get("chat", False)))
+
+
+def _process(config, vlm, experiment: Experiment, todo: Sequence[Example], buckets, store,
+             progress: bool) -> None:
+  size = int(config.batch_size)
+  pad = getattr(vlm.tokenizer, "pad_token_id", None) or 0
+  queues: dict[int, _Queue] = {}
+  bar = tqdm(total=len(todo), desc=experiment.name, unit="ex", disable=not progress,
+             dynamic_ncols=True)
+  tokens, start = 0, time.perf_counter()
+
+  def flush(length: int) -> None:
+    nonlocal tokens
+    queue = queues.pop(length)
+    rows = queue.batches + [queue.batches[-1]] * (size - len(queue.batches))  # fillers
+    batch = concatenate([pad_to(b, length, pad) for b in rows])
+    records = experiment.run_batch(vlm, batch, queue.examples)
+    store.append(records)
+    tokens += int(sum(np.asarray(b.attention_mask).sum() for b in queue.batches))
+    bar.update(len(queue.examples))
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(ex_per_s=f"{bar.n / elapsed:.2f}", tok_per_s=f"{tokens / elapsed:.0f}")
+
+  for example in todo:
+    batch = prepare_one(config, vlm, experiment, example)
+    length = bucket_length(batch.shape[1], buckets)
+    queue = queues.setdefault(length, _Queue([], []))
+    queue.examples.append(example)
+    queue.batches.append(batch)
+    if len(queue.examples) == size:
+      flush(length)
+  for length in sorted(queues):
+    flush(length)
+  bar.close()
+
+
+def finish(experiment: Experiment, workdir: Workdir) -> Optional[dict]:
+  """Metrics, figures and report.md from every record (process 0, once all have finished)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("narrowgate records written")
+    if jax.process_index() != 0:
+      return None
+  records = [r for i in range(jax.process_count())
+             for r in RecordStore(records_file(workdir, i)).records()]
+  metrics = experiment.metrics(records)
+  workdir.write_metrics(metrics)
+  os.makedirs(workdir.figures_dir, exist_ok=True)
+  figures = experiment.figures(records, metrics, workdir.figures_dir)
+  report.write_report(workdir, experiment, metrics, figures)
+  return metrics
+
+
+def print_dry_run(config, vlm, experiment: Experiment, dataset, conditions, buckets) -> None:
+  """The resolved config, the shapes that will compile, and an estimate of memory per device."""
+  lengths = [prepare_one(config, vlm, experiment, dataset[i]).shape[1]
+             for i in range(len(dataset))]
+  plans = plan_batches(lengths, int(config.batch_size), buckets)
+  shapes = sorted({p.length for p in plans})
+  print(config)
+  print(f"{len(dataset)} examples x {len(conditions)} conditions ({', '.join(conditions)}); "
+        f"{len(plans)} batches of {config.batch_size}")
+  print("forward shapes that will compile: " + ", ".join(
+      f"[{config.batch_size}, {t}]" for t in shapes))
+  devices = jax.device_count()
+  model_axis = int(config.mesh.model) if int(config.mesh.model) > 0 else 1
+  params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(vlm.params))
+  c = vlm.config
+  longest = max(shapes)
+  per_row = longest * c.hidden_size * 4 * (c.num_layers + 1)  # residual stream, float32
+  activations = int(config.batch_size) * len(conditions) * per_row
+  data_axis = max(1, devices // model_axis)
+  print(f"estimated memory per device: parameters {params / model_axis / 2**20:.1f} MiB, "
+        f"activations up to {activations / data_axis / 2**20:.1f} MiB (residual stream of every "
+        f"layer for every condition at length {longest}); {devices} device(s)")
