@@ -53,8 +53,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-    message = " ".join(str(e).split())
-    print(f"error: bad flag or config override: {message}", file=sys.stderr)
+    cause = e if isinstance(e, KeyError) else (e.__cause__ or e.__context__)
+    if isinstance(cause, KeyError):  # ml_collections: a field the config does not have
+      message = "unknown config field " + " ".join(str(cause.args[0]).split())
+    else:
+      message = "bad flag or config override: " + " ".join(str(e).split())
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
