@@ -204,7 +204,7 @@ def test_depth_computes_a_prefix_of_the_hidden_states(request):
 
 def _llava_projector_params(config: pj.MLPProjectorConfig, state: dict) -> dict:
   sources = pj.projector_tensor_sources(pj.LLAVA_PREFIXES[0], bias=config.bias)
-  return params_from_state(sources, pj.projector_param_shapes(config), state)
+  return params_from_state(sources, pj.param_shapes(config), state)
 
 
 def test_llava_clip_image_features_match_transformers(request, clip_llava):
@@ -255,7 +255,7 @@ def test_projector_without_bias_matches_transformers():
   proj_config = pj.MLPProjectorConfig.from_hf(config)
   assert (proj_config.in_features, proj_config.bias) == (64, False)
   params = params_from_state(pj.projector_tensor_sources("", bias=False),
-                                 pj.projector_param_shapes(proj_config), state)
+                                 pj.param_shapes(proj_config), state)
   features = np.random.default_rng(6).normal(size=(2, 5, 64)).astype(np.float32)
   with torch.no_grad():
     theirs = module(torch.from_numpy(features)).numpy()
@@ -271,17 +271,17 @@ def test_janus_image_features_match_transformers(request, janus):
   assert (aligner_config.in_features, aligner_config.out_features, aligner_config.depth,
           aligner_config.hidden_act) == (32, 48, 3, "gelu")
   aligner_params = params_from_state(pj.aligner_tensor_sources(aligner_config),
-                                         pj.aligner_param_shapes(aligner_config), state)
+                                         pj.param_shapes(aligner_config), state)
   pixels = _pixels(seed=7)
   with torch.no_grad():
     theirs = model.model.get_image_features(torch.from_numpy(pixels)).pooler_output.numpy()
     # also the aligner alone, on inputs of order 1 (where exact and tanh GELU differ)
     features = 2 * torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(8))
     aligned = model.model.aligner(features).numpy()
-  ours = pj.align(aligner_params, aligner_config,
+  ours = pj.project(aligner_params, aligner_config,
                     vit.vit_features(params, config, _nhwc(pixels), -1, post_norm=True))
   assert relative_error(ours, theirs) <= TOL
-  assert relative_error(pj.align(aligner_params, aligner_config, features.numpy()),
+  assert relative_error(pj.project(aligner_params, aligner_config, features.numpy()),
                         aligned) <= TOL
 
 
@@ -339,7 +339,7 @@ def test_missing_key_is_named(request):
   proj_config = pj.MLPProjectorConfig(32, 48)
   with pytest.raises(KeyError, match="mm_projector.2.weight"):
     params_from_state(pj.projector_tensor_sources("model.mm_projector.", ("0", "2")),
-                          pj.projector_param_shapes(proj_config),
+                          pj.param_shapes(proj_config),
                           {"model.mm_projector.0.weight": np.zeros((48, 32)),
                            "model.mm_projector.0.bias": np.zeros(48)})
 

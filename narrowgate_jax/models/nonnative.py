@@ -77,7 +77,7 @@ def _llava_projector_parts(hf_config, keys):
                          PROJECTOR_PREFIXES[0])
   sources = projectors.projector_tensor_sources(prefix, names, bias=config.bias)
   return (_prefixed(sources, "projector"),
-          _flat_shapes(projectors.projector_param_shapes(config), "projector"))
+          _flat_shapes(projectors.param_shapes(config), "projector"))
 
 
 def nonnative_side(hf_config, keys=None) -> ImageSide:
@@ -89,7 +89,7 @@ def nonnative_side(hf_config, keys=None) -> ImageSide:
     aligner = projectors.JanusAlignerConfig.from_hf(hf_config)
     prefix = first_present(JANUS_ALIGNER_PREFIXES, "fc1.weight", keys)
     sources += _prefixed(projectors.aligner_tensor_sources(aligner, prefix), "projector")
-    shapes.update(_flat_shapes(projectors.aligner_param_shapes(aligner), "projector"))
+    shapes.update(_flat_shapes(projectors.param_shapes(aligner), "projector"))
   else:
     more_sources, more_shapes = _llava_projector_parts(hf_config, keys)
     sources += more_sources
@@ -322,7 +322,7 @@ class JanusImages(_Reader):
     pixels = np.stack([anyres.janus_pixels(image, self.spec) for image in images])
     hidden = vit.vit_features(self.params["tower"], self.tower, pixels, -1, post_norm=True,
                               dtype=self.dtype)
-    features = np.asarray(projectors.align(self.params["projector"], self.aligner, hidden,
+    features = np.asarray(projectors.project(self.params["projector"], self.aligner, hidden,
                                            self.dtype), np.float32)
     side = self.tower.grid_side
     n = side * side

@@ -116,21 +116,6 @@ class MLPProjector(nn.Module):
     return _dense(c.out_features, c.bias, self.dtype, "linear_2")(activation(c.hidden_act)(x))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def project(params: dict, config: MLPProjectorConfig, features: jax.Array,
-            dtype: Any = jnp.float32) -> jax.Array:
-  """features [B, P, V] (or any [..., V]) -> [..., D] float32, computed in `dtype`."""
-  out = MLPProjector(config, dtype).apply({"params": params}, jnp.asarray(features))
-  return out.astype(jnp.float32)
-
-
-def projector_param_shapes(config: MLPProjectorConfig) -> dict:
-  """The parameter tree of `config` as jax.ShapeDtypeStruct leaves, without allocating it."""
-  features = jnp.zeros((1, 1, config.in_features), jnp.float32)
-  init = lambda: MLPProjector(config).init(jax.random.key(0), features)  # noqa: E731
-  return jax.eval_shape(init)["params"]
-
-
 def projector_tensor_sources(prefix: str, names: Sequence[str] = ("linear_1", "linear_2"),
                              bias: bool = True) -> list[TensorSource]:
   """Our linear_1 / linear_2 from the checkpoint's `prefix + names[0]` / `prefix + names[1]`.
@@ -207,23 +192,29 @@ class JanusAligner(nn.Module):
     return x
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def align(params: dict, config: JanusAlignerConfig, features: jax.Array,
-          dtype: Any = jnp.float32) -> jax.Array:
-  """features [B, P, V] (or any [..., V]) -> [..., E] float32, computed in `dtype`."""
-  out = JanusAligner(config, dtype).apply({"params": params}, jnp.asarray(features))
-  return out.astype(jnp.float32)
-
-
-def aligner_param_shapes(config: JanusAlignerConfig) -> dict:
-  """The parameter tree of `config` as jax.ShapeDtypeStruct leaves, without allocating it."""
-  features = jnp.zeros((1, 1, config.in_features), jnp.float32)
-  init = lambda: JanusAligner(config).init(jax.random.key(0), features)  # noqa: E731
-  return jax.eval_shape(init)["params"]
-
-
 def aligner_tensor_sources(config: JanusAlignerConfig,
                            prefix: str = JANUS_PREFIX) -> list[TensorSource]:
   """fc1 and hidden_layers.{j} (j = 0..depth-2) -> our fc1 and hidden_{j}."""
   names = {"fc1": "fc1"} | {f"hidden_{j}": f"hidden_layers.{j}" for j in range(config.depth - 1)}
   return _linear_sources(prefix, names, bias=True)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+_MODULES = {MLPProjectorConfig: MLPProjector, JanusAlignerConfig: JanusAligner}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def project(params: dict, config: MLPProjectorConfig | JanusAlignerConfig, features: jax.Array,
+            dtype: Any = jnp.float32) -> jax.Array:
+  """features [B, P, V] (or any [..., V]) -> [..., D] float32, computed in `dtype`, through
+  LLaVA's projector or Janus's aligner (whichever `config` describes)."""
+  out = _MODULES[type(config)](config, dtype).apply({"params": params}, jnp.asarray(features))
+  return out.astype(jnp.float32)
+
+
+def param_shapes(config: MLPProjectorConfig | JanusAlignerConfig) -> dict:
+  """The parameter tree of `config` as jax.ShapeDtypeStruct leaves, without allocating it."""
+  features = jnp.zeros((1, 1, config.in_features), jnp.float32)
+  init = lambda: _MODULES[type(config)](config).init(jax.random.key(0), features)  # noqa: E731
+  return jax.eval_shape(init)["params"]
