@@ -40,3 +40,18 @@ def test_native_benchmark_runs_and_agrees(family, tmp_path):
   prepare, logits = result["results"]["prepare"]["agreement"], result["results"]["logits"]["agreement"]
   assert prepare["prompt_ids_equal"] and prepare["image_ids_equal"]
   assert logits["suppressed_equal"] and logits["logits"] < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_nonnative_benchmark_runs_and_agrees(family, tmp_path):
+  args = TINY_LM + ["--family", family, "--batch", "1", "--vision_hidden", "32",
+                    "--vision_layers", "2", "--vision_heads", "2", "--vision_intermediate", "64",
+                    "--image_side", "28", "--patch", "7", "--settings", "prepare,logits",
+                    "--no-breakdown"]
+  _, result = _run("nonnative.py", args, tmp_path)
+  prepare = result["results"]["prepare"]["agreement"]
+  logits = result["results"]["logits"]["agreement"]
+  assert prepare["image_tokens_equal"] and prepare["features"] < 1e-4
+  assert logits["logits"] < 1e-4
+  if family == "llava":  # OneVision's processor needs torchvision: its torch side takes our ids
+    assert prepare["prompt_ids_equal"] and logits["prompt_ids_equal"]

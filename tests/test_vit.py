@@ -356,6 +356,27 @@ def test_in_memory_and_bare_tower_prefixes(request):
     jax.tree_util.tree_map(np.testing.assert_array_equal, other, params)
 
 
+def test_image_size_not_a_multiple_of_the_patch(tmp_path):
+  """SigLIP-so400m/14 at 384 px (LLaVA-OneVision's tower): the convolution's last partial patch
+  is dropped, as torch's is. Here 30 px in 7 px patches: a 4 x 4 grid."""
+  config_hf = transformers.SiglipVisionConfig(**{**{k: v for k, v in SIGLIP.items()
+                                                     if k != "model_type"}, "image_size": 30})
+  torch.manual_seed(3)
+  tower = transformers.SiglipVisionModel(config_hf).float().eval()
+  _randomise(tower, 4)
+  state, _ = _saved(tower, tmp_path)
+  config = vit.ViTConfig.from_hf(config_hf)
+  assert config.grid_side == 4
+  prefix = vit.find_prefix(state)
+  params = params_from_state(vit.vit_tensor_sources(config, prefix), vit.vit_param_shapes(config),
+                             state, config.num_layers)
+  pixels = _pixels(5, side=30)
+  with torch.no_grad():
+    theirs = tower(torch.from_numpy(pixels), output_hidden_states=True).hidden_states[-1]
+  ours = vit.vit_features(params, config, _nhwc(pixels), -1)
+  assert relative_error(ours, theirs.numpy()) <= TOL
+
+
 def test_activations_match_transformers():
   """Each name against transformers' ACT2FN, on a range where exact and tanh GELU differ."""
   from transformers.activations import ACT2FN

@@ -157,10 +157,6 @@ class ViTConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
                        f"num_heads={self.num_heads}")
-    if self.image_size % self.patch_size:
-      # transformers' VALID conv would silently drop the last pixels; no supported tower does
-      raise ValueError(f"image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
     activation(self.hidden_act)
 
   @classmethod
@@ -202,7 +198,9 @@ class ViTConfig:
 
   @property
   def grid_side(self) -> int:
-    """Patches along each side of the image."""
+    """Patches along each side of the image. A side that is not a whole number of patches
+    loses its last pixels to the stride-p convolution, as in torch (SigLIP-so400m/14 at 384 px,
+    OneVision's tower: 27 x 27 patches)."""
     return self.image_size // self.patch_size
 
   @property
