@@ -77,6 +77,11 @@ class Knockout:
     keys = jnp.pad(jnp.asarray(self.keys, bool), ((0, 0), (0, 0), (0, length - t)))
     return self.replace(queries=queries, keys=keys)
 
+  def for_suffix(self, start: int) -> "Knockout":
+    """The rules as queries from position `start` on see them (keys stay every position):
+    queries [R, B, T - start], for a pass that recomputes only the suffix over a cached prefix."""
+    return self.replace(queries=self.queries[:, :, start:])
+
 
 @flax.struct.dataclass
 class Patch:
@@ -128,6 +133,31 @@ class Interventions:
     knockout as `Knockout.for_generated_query` gives it, and no patch (a patch writes at prompt
     positions, which a generated token never occupies)."""
     return Interventions(tuple(k.for_generated_query(length) for k in self.knockouts), ())
+
+  def for_suffix(self, start: int) -> "Interventions":
+    """What applies to the positions from `start` on, recomputed over a cached clean prefix:
+    knockouts with their queries cut to the suffix, patches moved to suffix indices (a patch
+    inside the prefix would change it: `first_edited_position` keeps start past every one)."""
+    patches = tuple(p.replace(index=p.index - start) for p in self.patches)
+    return Interventions(tuple(k.for_suffix(start) for k in self.knockouts), patches)
+
+  def first_edited_position(self) -> np.ndarray:
+    """[B] int: per example, the first position whose computation any intervention changes (a
+    knockout's query, a patched position); T when none. Everything before it is the clean run."""
+    b, t = None, None
+    firsts = []
+    for k in self.knockouts:
+      queries = np.asarray(k.queries)  # [..., R, B, T]: any leading condition axis too
+      b, t = queries.shape[-2:]
+      hit = queries.reshape(-1, b, t).any(axis=0)
+      firsts.append(np.where(hit.any(axis=1), hit.argmax(axis=1), t))
+    for p in self.patches:
+      index = np.asarray(p.index).reshape(-1, *np.shape(p.index)[-2:])  # [.., B, P]
+      b = index.shape[1]
+      firsts.append(np.where(index >= 0, index, np.iinfo(np.int32).max).min(axis=(0, 2)))
+    if not firsts:
+      raise ValueError("no intervention: nothing to recompute")
+    return np.minimum.reduce(firsts)
 
   def check_against(self, num_layers: int, hidden_size: int) -> None:
     """Raises a clear error for layer indices or vector widths that do not fit the model."""

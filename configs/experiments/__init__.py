@@ -16,7 +16,9 @@ def run_config(experiment: str, model: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       experiment=experiment,
       model=models.get(model),
-      data=dict(path="data/synthetic", limit=0),  # limit > 0: only the first `limit` examples
+      # format "jsonl" reads `path`; "gqa" / "gqa_csv" read their own fields (see
+      # narrowgate_jax.runs.loop.load_data). limit > 0: only the first `limit` examples.
+      data=dict(format="jsonl", path="data/synthetic", limit=0),
       batch_size=8,
       buckets=(),  # token lengths batches are padded to, e.g. (256, 384, 512); () = automatic
       mesh=dict(data=-1, model=1),  # -1: every device the model axis leaves

@@ -14,3 +14,9 @@ __all__ = [
     "WORDS", "check_unique_ids", "load_dataset", "read_jsonl", "shard", "write_jsonl",
     "write_synthetic",
 ]
+
+# GQA for the cross-modal study (official files and the study's CSVs), and its synthetic fixture.
+from narrowgate_jax.data.gqa import TASKS, GqaDataset, GqaTask, load_gqa, load_gqa_csv  # noqa: E402
+from narrowgate_jax.data.gqa_synthetic import write_synthetic_gqa  # noqa: E402
+
+__all__ += ["GqaDataset", "GqaTask", "TASKS", "load_gqa", "load_gqa_csv", "write_synthetic_gqa"]

@@ -253,17 +253,39 @@ class Decoder(nn.Module):
     Returns (logits [B, V] float32, the new token's (keys, values) [L, B, 1, K, H]); the caller
     writes these into its cache.
     """
+    logits, kv = self.extend(token_ids[:, None], positions[:, None], cache_index, key_real, cache,
+                             interventions)
+    return logits[:, 0], kv
+
+  def extend(self, input_ids, positions, start, key_real, cache, interventions: Interventions,
+             query_real: Optional[jax.Array] = None, features: Optional[jax.Array] = None,
+             feature_mask: Optional[jax.Array] = None, last_only: bool = False):
+    """U new positions at cache slots start .. start + U - 1, over a cache holding slots < start.
+
+    Decoding (U = 1) and recomputing a prompt's suffix over its cached clean prefix (the shared
+    prefix of a sweep: `narrowgate_jax.model.forward_suffix_fn`) are both this.
+    input_ids, positions: [B, U]; start: scalar int; key_real: [B, S] bool; cache: (keys,
+    values) [L, B, S, K, H]; interventions: as the new queries see them (`for_suffix`,
+    `for_generated_query`); query_real: [B, U] bool or None (None: every new position is real);
+    features, feature_mask: [B, U, D], [B, U] for non-native image embeddings.
+    Returns (logits [B, U, V] float32, or [B, V] at the last position when last_only; the new
+    positions' (keys, values) [L, B, U, K, H]).
+    """
     c = self.config
-    x = self.embed(token_ids[:, None])
-    cos, sin = rope_tables(positions[:, None], c)
-    cache_index = jnp.asarray(cache_index, jnp.int32)
-    inputs = LayerInputs(cos=cos, sin=sin, query_index=cache_index[None], key_real=key_real,
-                         query_real=None, windows=jnp.asarray(c.layer_windows, jnp.int32),
-                         interventions=interventions, plan=CapturePlan(), cache_index=cache_index,
+    x = self._embed(input_ids, features, feature_mask)
+    cos, sin = rope_tables(positions, c)
+    start = jnp.asarray(start, jnp.int32)
+    inputs = LayerInputs(cos=cos, sin=sin, query_index=start + jnp.arange(input_ids.shape[1]),
+                         key_real=key_real, query_real=query_real,
+                         windows=jnp.asarray(c.layer_windows, jnp.int32),
+                         interventions=interventions, plan=CapturePlan(), cache_index=start,
                          keep_kv=True)
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     (x_out, _), emitted = self.layers((x, None), (layer_ids, cache), inputs)
-    return self.unembed(self.final_norm(x_out))[:, 0], emitted["kv"]
+    if last_only:
+      x_out = x_out[:, -1:]
+    logits = self.unembed(self.final_norm(x_out))
+    return (logits[:, 0] if last_only else logits), emitted["kv"]
 
   def unembed(self, h):
     """h [B, T, D] (after the final norm) -> logits [B, T, V] float32."""

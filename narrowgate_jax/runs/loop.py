@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from narrowgate_jax.data import Example, load_dataset, shard
+from narrowgate_jax.data.gqa import load_gqa, load_gqa_csv
 from narrowgate_jax.processing.batch import Batch, concatenate, pad_to
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.batching import bucket_length, default_buckets, plan_batches
@@ -50,18 +51,41 @@ class _Queue:
   batches: list
 
 
-def check_inputs(config: ml_collections.ConfigDict) -> tuple[Experiment, object]:
-  """The experiment and the dataset (this process's share), or a one-line error."""
+def load_data(data: ml_collections.ConfigDict):
+  """config.data -> the dataset. format "jsonl": `path` (narrowgate_jax.data.jsonl); "gqa": the
+  official `questions` and `scene_graphs` JSON files and the `images` folder, filtered to
+  `task`; "gqa_csv": the cross-modal study's per-task `csv` file, `images` (and optionally
+  `scene_graphs` for boxes the CSV lacks). Questions with a box outside their image, or none
+  when `require_boxes`, are skipped and counted (`on_bad`)."""
+  fmt = data.get("format", "jsonl")
+  limit = int(data.get("limit") or 0) or None
+  options = dict(on_bad=data.get("on_bad", "skip"), require_boxes=data.get("require_boxes", False))
+  if fmt == "jsonl":
+    return load_dataset(data.path)
+  if fmt == "gqa":
+    return load_gqa(data.questions, data.scene_graphs, data.images, task=data.task or None,
+                    limit=limit, **options)
+  if fmt == "gqa_csv":
+    return load_gqa_csv(data.csv, data.images, task=data.task or None, limit=limit,
+                        scene_graphs_json=data.get("scene_graphs") or None, **options)
+  raise ValueError(f"config.data.format {fmt!r}; expected jsonl, gqa or gqa_csv")
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> tuple[Experiment, object, dict]:
+  """The experiment, the dataset (this process's share) and what the loader skipped (reason ->
+  count), or a one-line error."""
   experiment = build(config)
-  dataset = load_dataset(config.data.path)
+  dataset = load_data(config.data)
+  skipped = dict(getattr(dataset, "skipped", {}) or {})
   if len(dataset) == 0:
-    raise ValueError(f"dataset {config.data.path} has no examples")
+    where = config.data.get("path") or config.data.get("questions") or config.data.get("csv")
+    raise ValueError(f"dataset {where} has no examples")
   if config.data.get("limit"):
     dataset = _first(dataset, int(config.data.limit))
   dataset = shard(dataset, jax.process_index(), jax.process_count())
   if not os.path.isdir(config.model.path):
     raise FileNotFoundError(f"model path {config.model.path} does not exist (config.model.path)")
-  return experiment, dataset
+  return experiment, dataset, skipped
 
 
 def _first(dataset, n: int):
@@ -99,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir_path: str, *, dry_run: bool =
   """Runs (or resumes) `config` in `workdir_path`; returns the metrics (None for a dry run)."""
   import narrowgate_jax as ng
 
-  experiment, dataset = check_inputs(config)
+  experiment, dataset, data_skipped = check_inputs(config)
   mesh = make_mesh(config)
   workdir = None
   if not dry_run:
@@ -113,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir_path: str, *, dry_run: bool =
   store = RecordStore(records_file(workdir))
   todo = [dataset[i] for i in range(len(dataset)) if store.missing(dataset[i].id, conditions)]
   _process(config, vlm, experiment, todo, buckets, store, progress)
-  return finish(experiment, workdir)
+  return finish(experiment, workdir, data_skipped)
 
 
 def _buckets(config, vlm) -> tuple[int, ...]:
@@ -164,8 +188,10 @@ def _process(config, vlm, experiment: Experiment, todo: Sequence[Example], bucke
   bar.close()
 
 
-def finish(experiment: Experiment, workdir: Workdir) -> Optional[dict]:
-  """Metrics, figures and report.md from every record (process 0, once all have finished)."""
+def finish(experiment: Experiment, workdir: Workdir,
+           data_skipped: Optional[dict] = None) -> Optional[dict]:
+  """Metrics, figures and report.md from every record (process 0, once all have finished);
+  the metrics also count the examples the dataset loader skipped (reason -> count)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -175,6 +201,8 @@ def finish(experiment: Experiment, workdir: Workdir) -> Optional[dict]:
   records = [r for i in range(jax.process_count())
              for r in RecordStore(records_file(workdir, i)).records()]
   metrics = experiment.metrics(records)
+  if data_skipped:
+    metrics["data_skipped"] = data_skipped
   workdir.write_metrics(metrics)
   os.makedirs(workdir.figures_dir, exist_ok=True)
   figures = experiment.figures(records, metrics, workdir.figures_dir)
