@@ -38,9 +38,9 @@ import ml_collections
 import numpy as np
 
 import narrowgate_jax as ng
-from narrowgate_jax.analysis import (all_windows, bootstrap_band, first_token_probability,
-                                     logit_lens, relative_change, token_trajectories,
-                                     window_layers)
+from narrowgate_jax.analysis import (NO_TOKEN, all_windows, bootstrap_band,
+                                     first_token_probability, logit_lens, relative_change,
+                                     token_trajectories, window_layers)
 from narrowgate_jax.processing.roles import select
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.experiment import Experiment, register
@@ -240,6 +240,11 @@ class CrossModalWindows(Experiment):
             + report.markdown_table(rows, ["flow", "largest drop (%)", "at layer"]))
 
 
+def _finite(value) -> float | None:
+  """A probability for a record; None where there was no candidate token (NaN)."""
+  return None if np.isnan(value) else float(value)
+
+
 @register
 class AnswerFormation(Experiment):
   name = "answer_formation"
@@ -248,39 +253,43 @@ class AnswerFormation(Experiment):
     return [f"layer/{l:03d}" for l in range(vlm.num_layers + 1)]
 
   def run_batch(self, vlm, batch, examples) -> list[dict]:
-    n = len(examples)
     final_norm = bool(self.config.experiment_config.get("final_norm", True))
     out = vlm.forward(batch, capture=ng.Capture(resid=True, resid_at="last"))
     resid = jnp.asarray(out.resid)[:, :, 0]  # [L+1, B, D]
     probs = logit_lens(resid, vlm.unembed, vlm.final_norm if final_norm else None)
-    candidates = {"lower": [], "capitalised": []}
-    for ex in examples:
-      candidates["lower"].append(first_answer_token(vlm.tokenizer, ex.answer.lower()))
-      candidates["capitalised"].append(
-          first_answer_token(vlm.tokenizer, ex.answer[:1].upper() + ex.answer[1:]))
-    names = list(candidates)
-    tokens = np.asarray([[candidates[k][i] for k in names] for i in range(n)])
-    pad = np.repeat(tokens[-1:], batch.shape[0] - n, axis=0)
-    traj = np.asarray(token_trajectories(probs, jnp.asarray(np.concatenate([tokens, pad]))))
+    names = ["lower", "capitalised", "true_option", "false_option"]
+    tokens = np.full((batch.shape[0], len(names)), NO_TOKEN, np.int64)  # fillers: NaN rows
+    for i, ex in enumerate(examples):
+      tokens[i, 0] = first_answer_token(vlm.tokenizer, ex.answer.lower())
+      tokens[i, 1] = first_answer_token(vlm.tokenizer, ex.answer[:1].upper() + ex.answer[1:])
+      options = ex.meta.get("options")  # Choose questions: [the answer, the other option]
+      if options:
+        tokens[i, 2:] = [first_answer_token(vlm.tokenizer, o) for o in options[:2]]
+    traj = np.asarray(token_trajectories(probs, jnp.asarray(tokens)))  # [L+1, B, K]
     records = []
     for i, example in enumerate(examples):
       for layer in range(traj.shape[0]):
         records.append({"example": example.id, "condition": f"layer/{layer:03d}",
-                        "layer": layer, **{f"p_{k}": float(traj[layer, i, j])
+                        "layer": layer, **{f"p_{k}": _finite(traj[layer, i, j])
                                            for j, k in enumerate(names)}})
     return records
 
   def metrics(self, records: Sequence[dict]) -> dict:
     layers = sorted({r["layer"] for r in records})
     out = {"records": len(records), "layers": layers}
-    for key in ("p_lower", "p_capitalised"):
-      out[key] = [float(np.mean([r[key] for r in records if r["layer"] == l])) for l in layers]
+    for key in ("p_lower", "p_capitalised", "p_true_option", "p_false_option"):
+      means = [[r[key] for r in records if r["layer"] == l and r[key] is not None]
+               for l in layers]
+      out[key] = [float(np.mean(m)) if m else None for m in means]
     return out
 
   def figures(self, records, metrics, directory) -> list[str]:
     with report.figure(os.path.join(directory, "answer_formation.png")) as (_, ax):
       ax.plot(metrics["layers"], metrics["p_lower"], label="answer (lower case)")
       ax.plot(metrics["layers"], metrics["p_capitalised"], label="Answer (capitalised)")
+      if metrics["p_true_option"][0] is not None:  # Choose questions
+        ax.plot(metrics["layers"], metrics["p_true_option"], "--", label="true option")
+        ax.plot(metrics["layers"], metrics["p_false_option"], ":", label="false option")
       ax.set_xlabel("layer")
       ax.set_ylabel("p(first answer token) at the last position")
       ax.legend()

@@ -55,3 +55,17 @@ def test_nonnative_benchmark_runs_and_agrees(family, tmp_path):
   assert logits["logits"] < 1e-4
   if family == "llava":  # OneVision's processor needs torchvision: its torch side takes our ids
     assert prepare["prompt_ids_equal"] and logits["prompt_ids_equal"]
+
+
+def test_window_knockout_benchmark_runs_and_agrees(tmp_path):
+  """The window-knockout sweep (six flows, every window centre): ours against transformers' eager
+  attention with the blocked edges in the window's layers, one full forward per condition."""
+  args = TINY_LM + ["--layers", "3", "--examples", "1", "--window", "2", "--vision_hidden", "32",
+                    "--vision_layers", "2", "--vision_heads", "2", "--vision_intermediate", "64",
+                    "--image_side", "28", "--patch", "7", "--no-breakdown"]
+  _, result = _run("window_knockout.py", args, tmp_path)
+  agreement = result["results"]["all"]["agreement"]
+  assert agreement["top_equal"] and agreement["prompt_ids_equal"]
+  assert agreement["conditions"] == 1 + 6 * 3
+  assert agreement["p_within_tolerance"]  # each p(t*): within 1e-5 absolute or 1e-4 relative
+  assert agreement["relative_change_max_abs"] > 0  # the knockouts change something

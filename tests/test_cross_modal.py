@@ -235,8 +235,14 @@ def test_answer_formation_runs_end_to_end(gqa_model, gqa_files, tmp_path):
 
   from narrowgate_jax.runs import loop
 
-  config = _cm_config("cm_answer_formation", gqa_model, gqa_files, "gqa", "QueryAttr")
-  metrics = loop.run(config, str(tmp_path / "work"), progress=False)
-  assert metrics["layers"] == list(range(4))
-  assert all(0 <= p <= 1 for p in metrics["p_lower"] + metrics["p_capitalised"])
-  assert os.path.exists(tmp_path / "work" / "figures" / "answer_formation.png")
+  for task in ("QueryAttr", "ChooseRel"):
+    config = _cm_config("cm_answer_formation", gqa_model, gqa_files, "gqa", task)
+    metrics = loop.run(config, str(tmp_path / task), progress=False)
+    assert metrics["layers"] == list(range(4))
+    assert all(0 <= p <= 1 for p in metrics["p_lower"] + metrics["p_capitalised"])
+    options = metrics["p_true_option"] + metrics["p_false_option"]
+    if task == "ChooseRel":  # its questions name two options
+      assert all(0 <= p <= 1 for p in options)
+    else:
+      assert all(p is None for p in options)
+  assert os.path.exists(tmp_path / "ChooseRel" / "figures" / "answer_formation.png")
