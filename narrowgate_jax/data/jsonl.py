@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from narrowgate_jax.data.examples import Dataset, Example, _check_index
+from narrowgate_jax.data.examples import Dataset, Example, ListDataset
 from narrowgate_jax.processing.prompts import IMAGE_MARKER
 
 EXAMPLES_FILE = "examples.jsonl"
@@ -124,7 +124,7 @@ def read_jsonl(path: str) -> list[Example]:
   return examples
 
 
-class JsonlDataset:
+class JsonlDataset(ListDataset):
   """A dataset read from a JSONL file (or a directory holding `examples.jsonl`), all in memory.
 
   name: defaults to the directory's name for `.../NAME/examples.jsonl`, else the file's stem.
@@ -132,21 +132,11 @@ class JsonlDataset:
 
   def __init__(self, path: str | os.PathLike, name: Optional[str] = None):
     self.path = resolve_path(path)
-    self._examples = tuple(read_jsonl(self.path))
     if name is None:
       stem = os.path.splitext(os.path.basename(self.path))[0]
       parent = os.path.basename(os.path.dirname(os.path.abspath(self.path)))
       name = parent if os.path.basename(self.path) == EXAMPLES_FILE and parent else stem
-    self.name = name
-
-  def __len__(self) -> int:
-    return len(self._examples)
-
-  def __getitem__(self, index: int) -> Example:
-    return self._examples[_check_index(index, len(self._examples), self.name)]
-
-  def __iter__(self) -> Iterator[Example]:
-    return iter(self._examples)
+    super().__init__(name, read_jsonl(self.path))
 
   def __repr__(self) -> str:
     return f"JsonlDataset({self.name!r}, {self.path!r}, {len(self)} examples)"
