@@ -76,16 +76,48 @@ def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Arra
 
   eos_ids: [E] int32 end-of-sequence ids (-1 for none); pad_id: scalar int32.
   """
-  model = Decoder(config, dtype)
-  run = functools.partial(model.apply, {"params": params})
+  run = functools.partial(Decoder(config, dtype).apply, {"params": params})
+  logits, kv = run(batch.input_ids, batch.positions, batch.attention_mask, interventions,
+                   batch.features, batch.feature_mask, method=Decoder.prefill)
+  return _decode(run, batch, logits, kv, interventions, eos_ids, pad_id, max_new_tokens)
+
+
+def greedy_from_prefix(params, batch: Batch, stacked: Interventions, eos_ids: jax.Array,
+                       pad_id: jax.Array, *, start: int, config: DecoderConfig, dtype,
+                       max_new_tokens: int) -> jax.Array:
+  """`greedy` for every condition of `stacked`, sharing the clean prompt: one clean prefill, then
+  per condition only positions [start, T) recomputed (with its interventions, over the cached
+  clean prefix) before decoding. Exact when no condition changes a position before `start`
+  (`Interventions.first_edited_position`). Returns tokens [C, B, max_new_tokens]."""
+  run = functools.partial(Decoder(config, dtype).apply, {"params": params})
+  real = batch.attention_mask
+  _, (keys, values) = run(batch.input_ids, batch.positions, real, Interventions(), batch.features,
+                          batch.feature_mask, method=Decoder.prefill)
+  cut = lambda x: None if x is None else x[:, start:]  # noqa: E731
+
+  def one(interventions: Interventions) -> jax.Array:
+    logits, (k_new, v_new) = run(batch.input_ids[:, start:], batch.positions[:, start:], start,
+                                 real, (keys, values), interventions.for_suffix(start),
+                                 query_real=real[:, start:], features=cut(batch.features),
+                                 feature_mask=cut(batch.feature_mask), last_only=True,
+                                 method=Decoder.extend)
+    kv = (jax.lax.dynamic_update_slice_in_dim(keys, k_new.astype(keys.dtype), start, 2),
+          jax.lax.dynamic_update_slice_in_dim(values, v_new.astype(values.dtype), start, 2))
+    return _decode(run, batch, logits, kv, interventions, eos_ids, pad_id, max_new_tokens)
+
+  return jax.vmap(one)(stacked)
+
+
+def _decode(run, batch: Batch, logits: jax.Array, kv, interventions: Interventions,
+            eos_ids: jax.Array, pad_id: jax.Array, max_new_tokens: int) -> jax.Array:
+  """The decoding loop after a prompt pass: logits [B, V] at its last position, kv (keys,
+  values) [L, B, T, K, H] of every prompt position -> tokens [B, max_new_tokens]."""
+  keys, values = kv
   b, t = batch.input_ids.shape
   length = t + max_new_tokens
-  real = batch.attention_mask
-  logits, (keys, values) = run(batch.input_ids, batch.positions, real, interventions,
-                               batch.features, batch.feature_mask, method=Decoder.prefill)
   widen = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
   cache = (jnp.pad(keys, widen), jnp.pad(values, widen))  # [L, B, S, K, H]
-  key_real = jnp.concatenate([real, jnp.ones((b, max_new_tokens), bool)], axis=1)  # [B, S]
+  key_real = jnp.concatenate([batch.attention_mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
   decode_iv = interventions.for_generated_query(length)
   last_position = batch.positions[:, -1]  # left padding: every example's last prompt token
 
@@ -119,6 +151,14 @@ def generate_fn(params, batch, interventions, eos_ids, pad_id, *, config, dtype,
   """The jitted `greedy`: prefill and the whole decoding loop in one program."""
   return greedy(params, batch, interventions, eos_ids, pad_id, config=config, dtype=dtype,
                 max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens", "start"))
+def generate_from_prefix_fn(params, batch, stacked: Interventions, eos_ids, pad_id, *, start,
+                            config, dtype, max_new_tokens) -> jax.Array:
+  """The jitted `greedy_from_prefix` -> tokens [C, B, max_new_tokens]."""
+  return greedy_from_prefix(params, batch, stacked, eos_ids, pad_id, start=start, config=config,
+                            dtype=dtype, max_new_tokens=max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens"))

@@ -143,13 +143,18 @@ class Interventions:
 
   def first_edited_position(self) -> np.ndarray:
     """[B] int: per example, the first position whose computation any intervention changes (a
-    knockout's query, a patched position); T when none. Everything before it is the clean run."""
+    knockout's query that can see one of its keys, a patched position); T when none. Everything
+    before it is the clean run."""
     b, t = None, None
     firsts = []
     for k in self.knockouts:
-      queries = np.asarray(k.queries)  # [..., R, B, T]: any leading condition axis too
+      # A query is changed only once a blocked key is causally visible to it: the first query
+      # at or after the rule's first key (so an [EOI] knockout with queries "all" leaves every
+      # position before EOI as it was).
+      queries, keys = np.asarray(k.queries), np.asarray(k.keys)  # [..., R, B, T]
       b, t = queries.shape[-2:]
-      hit = queries.reshape(-1, b, t).any(axis=0)
+      seen = np.cumsum(keys.reshape(-1, b, t), axis=-1) > 0
+      hit = (queries.reshape(-1, b, t) & seen).any(axis=0)
       firsts.append(np.where(hit.any(axis=1), hit.argmax(axis=1), t))
     for p in self.patches:
       index = np.asarray(p.index).reshape(-1, *np.shape(p.index)[-2:])  # [.., B, P]

@@ -23,8 +23,8 @@ from narrowgate_jax.capture import Capture, CapturePlan, Output
 from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, replicated,
                                         shard_batch)
 from narrowgate_jax.generate import (GenerateOutput, decode_texts, default_eos_id, eos_array,
-                                     eos_id_from_checkpoint,
-                                     generate_conditions_fn, generate_fn)
+                                     eos_id_from_checkpoint, generate_conditions_fn, generate_fn,
+                                     generate_from_prefix_fn)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
@@ -137,6 +137,20 @@ def _head_fn(params, h, *, config, dtype, part: str) -> jax.Array:
       lambda m, x: m.unembed(x))
   out = Decoder(config, dtype).apply({"params": params}, flat, method=method)
   return out.reshape(shape[:-1] + out.shape[-1:])
+
+
+def _prefix_start(batch: Batch, conditions: Conditions, start: Optional[int] = None) -> int:
+  """Where a sweep's shared prefix ends: the first position any condition changes (the last
+  position itself, else rounded down to a multiple of PREFIX_STEP so few suffix lengths
+  compile), or `start` after checking it is not past that position."""
+  first = int(np.min(conditions.stacked.first_edited_position()))
+  if start is None:  # the last position alone (X->Last) is already one shape per bucket
+    last = batch.shape[1] - 1
+    return first if first == last else (min(first, last) // PREFIX_STEP) * PREFIX_STEP
+  if not 0 <= start <= first:
+    raise ValueError(f"start={start}: a condition edits position {first}, so the shared prefix "
+                     f"must end at or before it")
+  return int(start)
 
 
 class VLM:
@@ -311,13 +325,7 @@ class VLM:
     conditions = self._checked(conditions)
     if not isinstance(conditions, Conditions):
       raise ValueError("forward_from_prefix takes Conditions (ng.stack_conditions([...]))")
-    first = int(np.min(conditions.stacked.first_edited_position()))
-    if start is None:  # the last position alone (X->Last) is already one shape per bucket
-      last = batch.shape[1] - 1
-      start = first if first == last else (first // PREFIX_STEP) * PREFIX_STEP
-    if not 0 <= start <= first:
-      raise ValueError(f"start={start}: a condition edits position {first}, so the shared prefix "
-                       f"must end at or before it")
+    start = _prefix_start(batch, conditions, start)
     clean, logits = forward_suffix_fn(self.params, self._place(batch),
                                       self._replicate(conditions.stacked), start=int(start),
                                       config=self.config, dtype=self.dtype,
@@ -357,7 +365,7 @@ class VLM:
 
   def generate(self, batch: Batch, max_new_tokens: int = 20,
                interventions: InterventionLike | Conditions = None, *, eos_id="auto",
-               pad_id: Optional[int] = None) -> GenerateOutput:
+               pad_id: Optional[int] = None, share_prefix: bool = True) -> GenerateOutput:
     """Greedy decoding with a KV cache; knockouts apply to the generated tokens too.
 
     One compiled program (prefill, then a while loop of cached decoding steps); see
@@ -366,6 +374,9 @@ class VLM:
       id, a list of ids, or None to always produce max_new_tokens tokens.
     pad_id: written after an example's end-of-sequence token (default: the tokenizer's pad id,
       else 0, as `prepare` pads).
+    share_prefix: with `Conditions`, run the prompt once up to the first position any condition
+      changes and recompute only the rest per condition (`generate.greedy_from_prefix`; equal to
+      full recomputation, tested). False recomputes every condition's whole prompt.
     Returns GenerateOutput(tokens [B, max_new_tokens] int32, texts when there is a tokenizer);
     with `Conditions`, tokens [C, B, max_new_tokens] and texts [C][B].
     """
@@ -385,8 +396,15 @@ class VLM:
     args = (self._replicate(jnp.asarray(eos)), self._replicate(jnp.int32(pad_id)))
     interventions = self._checked(interventions)
     if isinstance(interventions, Conditions):
-      tokens = generate_conditions_fn(self.params, batch, self._replicate(interventions.stacked),
-                                      *args, **kwargs)
+      # Share the clean prompt up to the first position any condition changes (an [EOI]
+      # knockout: everything before EOI), unless asked not to or nothing would be shared.
+      start = _prefix_start(batch, interventions) if share_prefix else 0
+      stacked = self._replicate(interventions.stacked)
+      if start > 0:
+        tokens = generate_from_prefix_fn(self.params, batch, stacked, *args, start=start,
+                                         **kwargs)
+      else:
+        tokens = generate_conditions_fn(self.params, batch, stacked, *args, **kwargs)
     else:
       tokens = generate_fn(self.params, batch, self._replicate(interventions), *args, **kwargs)
     tokens = np.asarray(tokens)

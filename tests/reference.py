@@ -136,7 +136,10 @@ def tiny_janus(**kw):
 def decoder_layers(model):
   """The transformers model's list of decoder layers, wherever its family keeps the LM."""
   inner = model.model
-  return getattr(inner, "language_model", inner).layers
+  for name in ("language_model", "text_model"):  # LLaVA-style and Janus / Emu3
+    if hasattr(inner, name):
+      return getattr(inner, name).layers
+  return inner.layers
 
 
 def build(config, directory, seed: int = 0):

@@ -233,8 +233,7 @@ AttentionMaskInterface.register(KNOCKOUT_ATTENTION, eager_mask)
 
 def _torch_generate(native, blocked_keys=None, new_tokens=10):
   model = native.torch
-  layers = model.model.text_model.layers if hasattr(model.model, "text_model") else (
-      model.model.layers)
+  layers = R.decoder_layers(model)
   implementation = model.config._attn_implementation
   for layer in layers:
     layer.self_attn._ng_keys = None if blocked_keys is None else torch.as_tensor(blocked_keys)

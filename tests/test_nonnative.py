@@ -376,3 +376,50 @@ def test_onevision_prompt_with_two_images_reads_each_as_one_view(family):
                           batch_num_images=inputs["batch_num_images"]).logits.numpy()
   ours = np.asarray(family.vlm.forward(batch).logits)
   assert R.relative_error(ours, theirs) < TOLERANCE
+
+
+# ------------------------------------------------------------------ knockouts under generation
+
+def _knockouts(family):
+  """Post-softmax knockouts as the Narrow Gate study applies them: [EOI] where the family has
+  one, image -> text, and 3 random image tokens."""
+  batch, vlm = family.batch, family.vlm
+  image = select("image", batch.roles)
+  rng = np.random.default_rng(0)
+  random = np.zeros_like(image)
+  for b in range(image.shape[0]):
+    random[b, rng.choice(np.flatnonzero(image[b]), 3, replace=False)] = True
+  keys = [["image_start", "image"] if (np.asarray(batch.roles) == Role.IMAGE_START).any()
+          else "image", random]
+  if (np.asarray(batch.roles) == Role.IMAGE_END).any():
+    keys.insert(0, "eoi")
+  return [vlm.knockout(batch, keys=k, queries="all" if k is not keys[-2] else "text_after_image",
+                       mode="post_softmax") for k in keys]
+
+
+def test_knockout_generation_shares_the_prompt_prefix_exactly(family):
+  """Every condition generated from one clean prefill plus its own suffix equals generating it
+  with the whole prompt recomputed."""
+  conditions = ng.stack_conditions(_knockouts(family))
+  shared = family.vlm.generate(family.batch, max_new_tokens=6, interventions=conditions).tokens
+  full = family.vlm.generate(family.batch, max_new_tokens=6, interventions=conditions,
+                             share_prefix=False).tokens
+  np.testing.assert_array_equal(shared, full)
+
+
+def test_eoi_knockout_generation_equals_transformers(family):
+  """Post-softmax [EOI] knockout for prompt and generated tokens, against transformers' generate
+  with the same edit in its attention (tests/test_native.py's registered attention function)."""
+  import test_native as TN
+
+  if not (np.asarray(family.batch.roles) == Role.IMAGE_END).any():
+    pytest.skip(f"{family.name} has no end-of-image token")
+  if family.vlm.config.sliding_windows:
+    # transformers keeps only the window's keys in a sliding-window cache, so the reference's
+    # key columns no longer line up with prompt positions; Janus covers the non-native case.
+    pytest.skip("the reference hook indexes keys by prompt position (no sliding-window cache)")
+  ko = family.vlm.knockout(family.batch, keys="eoi", queries="all", mode="post_softmax")
+  ours = family.vlm.generate(family.batch, max_new_tokens=10, interventions=ko).tokens
+  theirs = TN._torch_generate(SimpleNamespace(torch=family.torch, inputs=family.inputs),
+                              blocked_keys=select("eoi", family.batch.roles))
+  np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
