@@ -13,6 +13,9 @@ from narrowgate_jax.processing.batch import Batch
 from narrowgate_jax.processing.roles import Selector, positions_of, select
 
 
+WEIGHTINGS = ("probability", "value_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class Capture:
   """Which internals to return.
@@ -27,6 +30,9 @@ class Capture:
     received_from: for every layer and head, the attention each key position receives, summed over
       the query positions this selects -> Output.received [L, B, N, S]. Computed inside the layer
       scan; no [L, N, T, S] tensor is kept.
+    received_weighting: "probability" (the post-softmax weights) or "value_norm": each weight
+      times the norm of what the key contributes through its head, ||W_O^h v_j^h|| (the Narrow
+      Gate study's value-norm-weighted variant of attention flow).
   """
 
   resid: bool = False
@@ -34,6 +40,7 @@ class Capture:
   attn: bool = False
   attn_layers: Optional[Sequence[int]] = None
   received_from: Optional[Selector] = None
+  received_weighting: str = "probability"
 
   def plan(self, batch: Batch, num_layers: int) -> "CapturePlan":
     roles = np.asarray(batch.roles)
@@ -53,8 +60,12 @@ class Capture:
     received = None
     if self.received_from is not None:
       received = select(self.received_from, roles, what="Capture.received_from")
+    if self.received_weighting not in WEIGHTINGS:
+      raise ValueError(f"Capture.received_weighting {self.received_weighting!r}; expected one of "
+                       f"{WEIGHTINGS}")
     return CapturePlan(resid=self.resid or self.resid_at is not None, resid_index=resid_index,
-                       attn_layers=attn_layers, received_queries=received)
+                       attn_layers=attn_layers, received_queries=received,
+                       value_weighted=self.received_weighting == "value_norm")
 
 
 @flax.struct.dataclass
@@ -65,6 +76,7 @@ class CapturePlan:
   received_queries: Optional[jax.Array] = None  # [B, T] bool
   resid: bool = flax.struct.field(pytree_node=False, default=False)
   attn_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  value_weighted: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def needs_probabilities(self) -> bool:

@@ -453,6 +453,31 @@ def test_received_and_resid_at_match_torch(llama, selector):
                tol=1e-6)
 
 
+def test_value_weighted_received_matches_torch(llama):
+  """received with value_norm weighting == sum over the selected queries of the probability
+  times ||W_O^h v_s^h||, from transformers' probabilities, value projections and o_proj."""
+  batch, hf = llama.batch, llama.hf
+  rows = last(batch)
+  out = llama.vlm.forward(batch, capture=ng.Capture(received_from="last",
+                                                    received_weighting="value_norm"))
+  values = []
+  hooks = [lambda m: [layer.self_attn.v_proj.register_forward_hook(
+      lambda mod, args, v: values.append(v.detach().numpy())) for layer in m.model.layers]]
+  theirs = torch_forward(hf, batch, hooks=hooks)
+  config = hf.config
+  heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+  head_dim = config.hidden_size // heads
+  expected = []
+  for layer, v in zip(hf.model.layers, values):
+    v = v.reshape(*v.shape[:2], kv_heads, head_dim)  # [B, S, K, H]
+    v = np.repeat(v, heads // kv_heads, axis=2)  # each query head's value head
+    w_o = layer.self_attn.o_proj.weight.detach().numpy().reshape(-1, heads, head_dim)  # [D, N, H]
+    norms = np.linalg.norm(np.einsum("DNH,BSNH->BNSD", w_o, v), axis=-1)  # [B, N, S]
+    expected.append(norms)
+  weights = np.einsum("LBNTS,BT->LBNS", theirs.attn, rows.astype(np.float32))
+  assert_close(out.received, weights * np.stack(expected), "value-weighted received")
+
+
 # ---------------------------------------------------------------------------------- sharding
 
 

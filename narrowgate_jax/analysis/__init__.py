@@ -17,3 +17,5 @@ __all__ = [
     "NO_TOKEN", "all_windows", "bootstrap_band", "bootstrap_indices", "first_token_probability",
     "gather_position", "logit_lens", "relative_change", "token_trajectories", "window_layers",
 ]
+from narrowgate_jax.analysis.attention_flow import (category_masks, category_sums,  # noqa: E402
+                                                    flow_shares)

@@ -64,13 +64,15 @@ class Attention(nn.Module):
 
   config: DecoderConfig
   need_probabilities: bool
+  value_norms: bool = False
 
   @nn.compact
   def __call__(self, x, layer, inputs: LayerInputs, cache=None):
     """cache: this layer's (keys, values) [B, S, K, H] when decoding, else None.
 
     Returns (out [B, T, D], probabilities [B, N, T, S] or None, (keys, values) [B, T, K, H] of
-    the T positions of x, after RoPE: what a KV cache stores).
+    the T positions of x, after RoPE: what a KV cache stores, and with `value_norms` the norm
+    of each key's contribution through each head ||W_O^h v_s^h|| [B, N, S], else None).
     """
     c = self.config
     proj = lambda heads, name, bias: nn.DenseGeneral(  # noqa: E731
@@ -102,9 +104,24 @@ class Attention(nn.Module):
         post_block = blocked if post_block is None else post_block | blocked
     out, probs = attend(q, k, v, visible, scale=c.head_dim**-0.5, post_softmax_block=post_block,
                         need_probabilities=self.need_probabilities)
-    out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.out_bias, dtype=x.dtype,
-                          param_dtype=jnp.float32, name="o")(out)
-    return out, probs, new_kv
+    o = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.out_bias, dtype=x.dtype,
+                        param_dtype=jnp.float32, name="o")
+    out = o(out)
+    norms = None
+    if self.value_norms:
+      norms = _value_output_norms(v, o.variables["params"]["kernel"], c.num_heads)
+    return out, probs, new_kv, norms
+
+
+def _value_output_norms(v: jax.Array, o_kernel: jax.Array, num_heads: int) -> jax.Array:
+  """||W_O^h v_s^h|| for every key s and query head h: v [B, S, K, H], o_kernel [N, H, D] ->
+  [B, N, S] float32, through the [N, H, H] Gram matrices of the output projection (cheaper than
+  forming each [D] vector)."""
+  groups = num_heads // v.shape[2]
+  vn = jnp.repeat(v.astype(jnp.float32), groups, axis=2)  # [B, S, N, H]: each query head's kv
+  gram = jnp.einsum("NHD,NJD->NHJ", o_kernel, o_kernel)
+  squared = jnp.einsum("BSNH,NHJ,BSNJ->BNS", vn, gram, vn)
+  return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
 class DecoderLayer(nn.Module):
@@ -125,13 +142,14 @@ class DecoderLayer(nn.Module):
 
     input_norm = RMSNorm(c.norm_eps, name="input_norm")
     post_attn_norm = RMSNorm(c.norm_eps, name="post_attn_norm")
-    attention = Attention(c, need_probabilities=plan.needs_probabilities, name="attn")
+    attention = Attention(c, need_probabilities=plan.needs_probabilities,
+                          value_norms=plan.value_weighted, name="attn")
     mlp = GatedMLP(c, name="mlp")
 
     attn_in = input_norm(x) if c.block_order == "pre_norm" else x
     for p in iv.patches_at("attn_in"):
       attn_in = p.apply(attn_in, layer)
-    attn_out, probs, new_kv = attention(attn_in, layer, inputs, cache)
+    attn_out, probs, new_kv, value_norms = attention(attn_in, layer, inputs, cache)
     if c.block_order == "pre_norm":
       x = x + attn_out
       x = x + mlp(post_attn_norm(x))
@@ -147,8 +165,8 @@ class DecoderLayer(nn.Module):
     if plan.resid:
       emitted["resid"] = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
     if plan.received_queries is not None:
-      emitted["received"] = jnp.einsum("BNTS,BT->BNS", probs,
-                                       plan.received_queries.astype(probs.dtype))
+      received = jnp.einsum("BNTS,BT->BNS", probs, plan.received_queries.astype(probs.dtype))
+      emitted["received"] = received if value_norms is None else received * value_norms
     if plan.attn_layers:
       slot = jnp.asarray(_slot_of_layer(plan.attn_layers, c.num_layers))[layer]
       attn_buffer = attn_buffer.at[slot].set(probs, mode="drop")
