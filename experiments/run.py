@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 # Importing an experiment module registers it.
-from experiments import cross_modal, first_token  # noqa: F401
+from experiments import cross_modal, first_token, narrow_gate  # noqa: F401
 from narrowgate_jax.runs import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (file.py:arg).",

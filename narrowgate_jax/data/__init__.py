@@ -20,3 +20,18 @@ from narrowgate_jax.data.gqa import TASKS, GqaDataset, GqaTask, load_gqa, load_g
 from narrowgate_jax.data.gqa_synthetic import write_synthetic_gqa  # noqa: E402
 
 __all__ += ["GqaDataset", "GqaTask", "TASKS", "load_gqa", "load_gqa_csv", "write_synthetic_gqa"]
+
+# The Narrow Gate study's data in the formats people have it (VQAv2 official files, Karpathy
+# caption splits, ImageNet class folders, Hugging Face `datasets` folders and parquet), and
+# fixtures of each. `datasets`/`pyarrow` are imported only when an hf_* dataset is read.
+from narrowgate_jax.data.hf_datasets import load_hf_dataset  # noqa: E402
+from narrowgate_jax.data.imagenet import load_imagenet_folders, read_class_mapping  # noqa: E402
+from narrowgate_jax.data.karpathy import load_karpathy  # noqa: E402
+from narrowgate_jax.data.ng_common import CAPTION_PROMPT, IMAGENET_PROMPT  # noqa: E402
+from narrowgate_jax.data.ng_common import VQA_PROMPT, NgDataset  # noqa: E402
+from narrowgate_jax.data.ng_synthetic import write_ng_fixtures  # noqa: E402
+from narrowgate_jax.data.vqav2 import load_vqav2  # noqa: E402
+
+__all__ += ["CAPTION_PROMPT", "IMAGENET_PROMPT", "NgDataset", "VQA_PROMPT", "load_hf_dataset",
+            "load_imagenet_folders", "load_karpathy", "load_vqav2", "read_class_mapping",
+            "write_ng_fixtures"]

@@ -6,7 +6,8 @@ resuming, progress, and writing config.json, records.jsonl, metrics.json, figure
 Experiments are registered by name; an experiment config names one in `config.experiment`.
 
 Records are flat dicts with at least "example" (the example's id) and "condition"; one per
-example and condition. A restarted run recomputes an example when any of its records is missing
+example and condition. Vectors go under `runs.arrays.ARRAYS` and are stored beside the records
+(`Experiment.arrays` reads them back). A restarted run recomputes an example when any of its records is missing
 and stores only the missing ones, so computations must be deterministic given the config.
 """
 
@@ -32,6 +33,13 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    self.workdir = None  # set by the runner: where `arrays` reads stored vectors from
+
+  def arrays(self, records: Sequence[dict], name: str):
+    """The array `name` stored with each record (see `runs.arrays`): [len(records), ...]."""
+    from narrowgate_jax.runs.arrays import load_arrays
+
+    return load_arrays(records, name, self.workdir)
 
   def conditions(self, vlm) -> list[str]:
     """The condition names this run records for every example."""

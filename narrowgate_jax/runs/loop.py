@@ -33,10 +33,12 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from narrowgate_jax import data as D
 from narrowgate_jax.data import Example, load_dataset, shard
 from narrowgate_jax.data.gqa import load_gqa, load_gqa_csv
 from narrowgate_jax.processing.batch import Batch, concatenate, pad_to
 from narrowgate_jax.runs import report
+from narrowgate_jax.runs.arrays import store_arrays
 from narrowgate_jax.runs.batching import bucket_length, default_buckets, plan_batches
 from narrowgate_jax.runs.experiment import Experiment, build
 from narrowgate_jax.runs.records import RecordStore
@@ -52,11 +54,20 @@ class _Queue:
 
 
 def load_data(data: ml_collections.ConfigDict):
-  """config.data -> the dataset. format "jsonl": `path` (narrowgate_jax.data.jsonl); "gqa": the
-  official `questions` and `scene_graphs` JSON files and the `images` folder, filtered to
-  `task`; "gqa_csv": the cross-modal study's per-task `csv` file, `images` (and optionally
-  `scene_graphs` for boxes the CSV lacks). Questions with a box outside their image, or none
-  when `require_boxes`, are skipped and counted (`on_bad`)."""
+  """config.data -> the dataset, by `format`:
+    jsonl        `path` (narrowgate_jax.data.jsonl)
+    gqa          the official `questions` and `scene_graphs` JSON files and the `images` folder,
+                 filtered to `task`; questions with a box outside their image, or none when
+                 `require_boxes`, are skipped and counted (`on_bad`)
+    gqa_csv      the cross-modal study's per-task `csv` file and `images` (`scene_graphs` for
+                 boxes the CSV lacks)
+    vqav2        `path`: the official questions / annotations files and val2014 images
+                 (`sample` questions drawn with `seed`)
+    karpathy     `path`: a Karpathy caption JSON, `images` its image root (`split`, `first`)
+    imagenet     `path`: class folders with a synset mapping (`classes`, `per_class`, `seed`)
+    hf_datasets  `path`: a `datasets` folder or parquet files, `task` vqa / caption /
+                 classification (`split`)
+  `prompt` replaces the format's default prompt template (the study's)."""
   fmt = data.get("format", "jsonl")
   limit = int(data.get("limit") or 0) or None
   options = dict(on_bad=data.get("on_bad", "skip"), require_boxes=data.get("require_boxes", False))
@@ -68,7 +79,21 @@ def load_data(data: ml_collections.ConfigDict):
   if fmt == "gqa_csv":
     return load_gqa_csv(data.csv, data.images, task=data.task or None, limit=limit,
                         scene_graphs_json=data.get("scene_graphs") or None, **options)
-  raise ValueError(f"config.data.format {fmt!r}; expected jsonl, gqa or gqa_csv")
+  prompt = {"template": data.prompt} if data.get("prompt") else {}
+  if fmt == "vqav2":  # the study: 2,000 questions sampled with seed 42
+    return D.load_vqav2(data.path, sample=data.get("sample") or None,
+                        seed=int(data.get("seed", 42)), **prompt)
+  if fmt == "karpathy":  # the study: the first 2,000 rows of the test split
+    return D.load_karpathy(data.path, data.images, split=data.get("split", "test"),
+                           first=data.get("first") or None, **prompt)
+  if fmt == "imagenet":
+    return D.load_imagenet_folders(data.path, classes=data.get("classes") or None,
+                                   per_class=data.get("per_class") or None,
+                                   seed=int(data.get("seed", 0)), **prompt)
+  if fmt == "hf_datasets":
+    return D.load_hf_dataset(data.path, data.task, split=data.get("split") or None, **prompt)
+  raise ValueError(f"config.data.format {fmt!r}; expected one of jsonl, gqa, gqa_csv, vqav2, "
+                   "karpathy, imagenet, hf_datasets")
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> tuple[Experiment, object, dict]:
@@ -134,6 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir_path: str, *, dry_run: bool =
   if dry_run:
     print_dry_run(config, vlm, experiment, dataset, conditions, buckets)
     return None
+  experiment.workdir = workdir.path
   store = RecordStore(records_file(workdir))
   todo = [dataset[i] for i in range(len(dataset)) if store.missing(dataset[i].id, conditions)]
   _process(config, vlm, experiment, todo, buckets, store, progress)
@@ -169,7 +195,7 @@ def _process(config, vlm, experiment: Experiment, todo: Sequence[Example], bucke
     rows = queue.batches + [queue.batches[-1]] * (size - len(queue.batches))  # fillers
     batch = concatenate([pad_to(b, length, pad) for b in rows])
     records = experiment.run_batch(vlm, batch, queue.examples)
-    store.append(records)
+    store.append(store_arrays(records, experiment.workdir))
     tokens += int(sum(np.asarray(b.attention_mask).sum() for b in queue.batches))
     bar.update(len(queue.examples))
     elapsed = max(time.perf_counter() - start, 1e-9)

@@ -1,0 +1,290 @@
+"""The Narrow Gate study's experiments (PROTOCOLS.md §2) on any supported model.
+
+ng_attention_flow (Fig. 3): the attention text after the image pays to each part of the image
+  span, per layer: EOI, the last image token, user-named "hot" positions, the other image
+  tokens; computed inside the layer scan (`Capture.received_from`), post-softmax weights or
+  value-norm weighted (`weighting`).
+ng_knockout_eval (Table 1): greedy generation under knockout conditions (none, [EOI],
+  image->text, k random image tokens repeated, last image token, all image tokens), in all
+  layers or the last w (`layers`), post- or pre-softmax; scored by the official VQA accuracy
+  ("vqa") or CIDEr-D over the evaluated subset ("caption"). Every condition shares the prompt
+  up to the first position it changes (`VLM.generate(share_prefix=True)`).
+ng_overlap (Fig. 4): the last layers' residuals at probe positions (EOI, the last image token,
+  the mean of the image tokens) stored per example; the neighbourhood overlap chi with the class
+  labels per layer is computed from all of them at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import narrowgate_jax as ng
+from narrowgate_jax.analysis import category_sums, flow_shares
+from narrowgate_jax.evaluation.cider import cider_d
+from narrowgate_jax.evaluation.vqa import extract_answer, vqa_accuracy
+from narrowgate_jax.processing.roles import select
+from narrowgate_jax.runs import report
+from narrowgate_jax.runs.arrays import ARRAYS
+from narrowgate_jax.runs.experiment import Experiment, register
+
+NONE = "none"
+
+
+# ------------------------------------------------------------------------------ attention flow
+
+
+def hot_masks(roles: np.ndarray, hot: dict) -> dict[str, np.ndarray]:
+  """{name: [index, ...]} image-token indices (0 = the first image token, -1 the last) ->
+  {name: [B, T] bool} masks."""
+  image = select("image", roles)
+  out = {}
+  for name, indices in hot.items():
+    mask = np.zeros_like(image)
+    for b in range(image.shape[0]):
+      positions = np.flatnonzero(image[b])
+      mask[b, positions[[int(i) for i in indices]]] = True
+    out[name] = mask
+  return out
+
+
+@register
+class NgAttentionFlow(Experiment):
+  name = "ng_attention_flow"
+
+  def conditions(self, vlm) -> list[str]:
+    return ["flow"]
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    cfg = self.config.experiment_config
+    capture = ng.Capture(received_from="text_after_image",
+                         received_weighting=cfg.get("weighting", "probability"))
+    received = np.asarray(vlm.forward(batch, capture=capture).received)  # [L, B, N, S]
+    roles = np.asarray(batch.roles)
+    sums = category_sums(received, roles, hot_masks(roles, dict(cfg.get("hot", {}))))
+    return [{"example": ex.id, "condition": "flow",
+             **{name: v[:, b].tolist() for name, v in sums.items()}}
+            for b, ex in enumerate(examples)]
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    names = [k for k in records[0] if k not in ("example", "condition")]
+    sums = {n: np.asarray([r[n] for r in records]).T for n in names}  # [L, examples]
+    shares = flow_shares(sums)
+    return {"records": len(records), "examples": len(records),
+            "shares": {n: v.tolist() for n, v in shares.items()}}
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    with report.figure(os.path.join(directory, "attention_flow.png")) as (_, ax):
+      for name, share in metrics["shares"].items():
+        ax.plot(range(len(share)), share, label=name.replace("_", " "))
+      ax.set_xlabel("layer")
+      ax.set_ylabel("share of attention to the image span")
+      ax.set_ylim(0, 1)
+      ax.legend()
+    return ["attention_flow.png"]
+
+  def report(self, metrics, figures) -> str:
+    rows = [{"category": n, "first layer": s[0], "max": max(s), "last layer": s[-1]}
+            for n, s in metrics["shares"].items()]
+    return "## Share of the text's attention to the image span\n\n" + report.markdown_table(
+        rows, ["category", "first layer", "max", "last layer"])
+
+
+# ------------------------------------------------------------------------------- knockout eval
+
+
+def _layers(spec, num_layers: int) -> list[int]:
+  """"all", or "last:<w>" (the last w layers: the progressive knockout)."""
+  if spec == "all":
+    return list(range(num_layers))
+  kind, _, w = str(spec).partition(":")
+  if kind != "last" or not w.isdigit():
+    raise ValueError(f"layers {spec!r}: expected 'all' or 'last:<w>'")
+  return list(range(max(0, num_layers - int(w)), num_layers))
+
+
+@register
+class NgKnockoutEval(Experiment):
+  """Conditions: config.experiment_config.conditions, a list of names among "eoi",
+  "image_to_text", "random" (`random_tokens` image tokens, `random_repeats` draws, seeded per
+  example), "last_image", "all_image"; "none" is always run."""
+
+  name = "ng_knockout_eval"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    cfg = config.experiment_config
+    self.task = cfg.task
+    if self.task not in ("vqa", "caption"):
+      raise ValueError(f"experiment_config.task {self.task!r}; expected 'vqa' or 'caption'")
+    self.kinds = list(cfg.conditions)
+    self.repeats = int(cfg.get("random_repeats", 5))
+
+  def conditions(self, vlm) -> list[str]:
+    _layers(self.config.experiment_config.layers, vlm.num_layers)
+    names = [NONE]
+    for kind in self.kinds:
+      names += ([f"random/{r}" for r in range(self.repeats)] if kind == "random" else [kind])
+    return names
+
+  def _knockout(self, vlm, batch, name: str, examples):
+    cfg = self.config.experiment_config
+    layers = _layers(cfg.layers, vlm.num_layers)
+    mode = cfg.get("mode", "post_softmax")
+    roles = np.asarray(batch.roles)
+    if name == "eoi":
+      keys, queries = "eoi", "all"
+    elif name == "image_to_text":  # image-start + image tokens, not EOI -> text and generated
+      keys, queries = ["image_start", "image"], "text_after_image"
+    elif name == "last_image":
+      keys, queries = "last_image", "all"
+    elif name == "all_image":
+      keys, queries = ["image", "image_break"], "all"
+    elif name.startswith("random/"):
+      keys, queries = self._random_keys(roles, int(name.split("/")[1]), examples), "all"
+    else:
+      raise ValueError(f"unknown knockout condition {name!r}")
+    return vlm.knockout(batch, keys=keys, queries=queries, layers=layers, mode=mode)
+
+  def _random_keys(self, roles, repeat: int, examples) -> np.ndarray:
+    """k random image tokens per row, seeded by (config seed, example id, repeat)."""
+    image = select("image", roles)
+    k = int(self.config.experiment_config.get("random_tokens", 10))
+    keys = np.zeros_like(image)
+    for b in range(image.shape[0]):
+      example = examples[min(b, len(examples) - 1)].id  # filler rows copy the last example
+      seed = [int(self.config.seed), repeat] + list(str(example).encode())
+      positions = np.flatnonzero(image[b])
+      chosen = np.random.default_rng(seed).choice(positions, min(k, positions.size),
+                                                  replace=False)
+      keys[b, chosen] = True
+    return keys
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    cfg = self.config.experiment_config
+    tokens = int(cfg.get("max_new_tokens", 20 if self.task == "vqa" else 60))
+    names = self.conditions(vlm)[1:]
+    texts = {NONE: vlm.generate(batch, max_new_tokens=tokens).texts}
+    if names:
+      conditions = ng.stack_conditions([self._knockout(vlm, batch, n, examples) for n in names])
+      out = vlm.generate(batch, max_new_tokens=tokens, interventions=conditions)
+      texts.update(zip(names, out.texts))
+    records = []
+    for condition, rows in texts.items():
+      for b, example in enumerate(examples):
+        record = {"example": example.id, "condition": condition, "text": rows[b]}
+        if self.task == "vqa":
+          record["answer"] = extract_answer(rows[b])
+          record["accuracy"] = vqa_accuracy(
+              record["answer"], example.answers,
+              normalize_unanimous=bool(cfg.get("normalize_unanimous", False)))
+        records.append(record)
+    return records
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    by_condition: dict[str, list] = {}
+    for r in records:
+      by_condition.setdefault(r["condition"], []).append(r)
+    scores = {}
+    for condition, rows in sorted(by_condition.items()):
+      if self.task == "vqa":
+        scores[condition] = float(np.mean([r["accuracy"] for r in rows]))
+      else:
+        candidates = {r["example"]: r["text"] for r in rows}
+        references = self._references()
+        scores[condition] = cider_d(candidates, {k: references[k] for k in candidates})[0]
+    out = {"records": len(records), "task": self.task, "scores": scores}
+    random = [v for k, v in scores.items() if k.startswith("random/")]
+    if random:
+      out["random"] = {"mean": float(np.mean(random)), "std": float(np.std(random))}
+    return out
+
+  def _references(self) -> dict:
+    from narrowgate_jax.runs.loop import load_data
+
+    dataset = load_data(self.config.data)
+    return {dataset[i].id: list(dataset[i].answers) for i in range(len(dataset))}
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    names = [n for n in metrics["scores"] if not n.startswith("random/")]
+    values = [metrics["scores"][n] for n in names]
+    errors = [0.0] * len(names)
+    if "random" in metrics:
+      names.append("random")
+      values.append(metrics["random"]["mean"])
+      errors.append(metrics["random"]["std"])
+    with report.figure(os.path.join(directory, "knockout.png")) as (_, ax):
+      ax.bar(names, values, yerr=errors, color="#55a868", capsize=3)
+      ax.set_ylabel("VQA accuracy" if self.task == "vqa" else "CIDEr-D")
+      ax.tick_params(axis="x", rotation=30)
+    return ["knockout.png"]
+
+  def report(self, metrics, figures) -> str:
+    rows = [{"condition": n, "score": v} for n, v in metrics["scores"].items()
+            if not n.startswith("random/")]
+    if "random" in metrics:
+      rows.append({"condition": "random (mean ± std)",
+                   "score": f"{metrics['random']['mean']:.4g} ± {metrics['random']['std']:.2g}"})
+    return "## Score per condition\n\n" + report.markdown_table(rows, ["condition", "score"])
+
+
+# ------------------------------------------------------------------------------------ overlap
+
+
+PROBES = ("eoi", "last_image", "image_mean")
+
+
+@register
+class NgOverlap(Experiment):
+  """Residuals (outputs of the layers in `layers`, default all) at the probe positions, stored
+  per example as float16; chi per layer and probe with k neighbours at the end."""
+
+  name = "ng_overlap"
+
+  def conditions(self, vlm) -> list[str]:
+    return ["residuals"]
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    out = vlm.forward(batch, capture=ng.Capture(resid=True))
+    resid = jnp.asarray(out.resid)  # [L+1, B, T, D]
+    roles = np.asarray(batch.roles)
+    image = jnp.asarray(select("image", roles), resid.dtype)
+    vectors = {
+        "eoi": _at(resid, select("eoi", roles)),
+        "last_image": _at(resid, select("last_image", roles)),
+        "image_mean": jnp.einsum("LBTD,BT->LBD", resid, image) / image.sum(1)[None, :, None],
+    }
+    stacked = np.stack([np.asarray(vectors[p], np.float16) for p in PROBES], axis=1)  # [L+1,P,B,D]
+    return [{"example": ex.id, "condition": "residuals", "label": ex.label,
+             ARRAYS: {"resid": stacked[:, :, b]}} for b, ex in enumerate(examples)]
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    from narrowgate_jax.analysis import neighbourhood_overlap
+
+    k = int(self.config.experiment_config.get("k", 30))
+    labels = np.asarray([hash(str(r["label"])) % (2**31) for r in records])
+    resid = self.arrays(records, "resid").astype(np.float32)  # [n, L+1, P, D]
+    chi = {p: [float(neighbourhood_overlap(jnp.asarray(resid[:, l, i]), jnp.asarray(labels),
+                                           k=k)) for l in range(resid.shape[1])]
+           for i, p in enumerate(PROBES)}
+    return {"records": len(records), "k": k, "chi": chi}
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    with report.figure(os.path.join(directory, "overlap.png")) as (_, ax):
+      for probe, chi in metrics["chi"].items():
+        ax.plot(range(len(chi)), chi, label=probe.replace("_", " "))
+      ax.set_xlabel("layer (0: embeddings)")
+      ax.set_ylabel(f"neighbourhood overlap with labels (k={metrics['k']})")
+      ax.legend()
+    return ["overlap.png"]
+
+
+def _at(resid, mask: np.ndarray):
+  """resid [L+1, B, T, D] at the one position per row `mask` [B, T] marks -> [L+1, B, D] (the
+  last marked one where there are several, as the last of Emu3's two end tokens)."""
+  index = jnp.asarray(mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1))
+  return resid[:, jnp.arange(mask.shape[0]), index]

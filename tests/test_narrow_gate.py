@@ -1,0 +1,113 @@
+"""The Narrow Gate experiments end to end through the runner, on a tiny converted Chameleon and the
+synthetic fixtures of the study's data formats (VQAv2 files, a Karpathy caption split, ImageNet
+class folders): records for every example and condition, metrics, figures and the report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+import reference as R
+from experiments import narrow_gate  # noqa: F401  (registers the experiments)
+from narrowgate_jax.data.ng_synthetic import WORDS as NG_WORDS
+from narrowgate_jax.data.ng_synthetic import write_ng_fixtures
+from narrowgate_jax.runs import loop
+from narrowgate_jax.runs.records import RecordStore
+
+VQ = dict(embed_dim=4, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2],
+          latent_channels=4, resolution=16, num_res_blocks=1, attn_resolutions=[8])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A tiny Chameleon whose vocabulary covers the fixtures' words and the study's prompts."""
+  words = tuple(dict.fromkeys(R.CHAMELEON_SPECIALS + R.WORDS + NG_WORDS + ("This", "Answer",
+                                                                          "Provide")))
+  codes = VQ["num_embeddings"]
+  vocab = len(words) + codes + 3
+  vmap = {w: i for i, w in enumerate(words)}
+  letters = "ABCDEFGHIJ"
+  for code in range(codes):
+    vmap["IMGIMG" + "".join(letters[int(d)] for d in str(code)) + "Z"] = vocab - codes + code
+  config = R.tiny_chameleon(vocab_size=vocab, vq_config=VQ, vocabulary_map=vmap,
+                            max_position_embeddings=256)
+  root = tmp_path_factory.mktemp("ng_model")
+  R.build(config, root / "hf")
+  R.chameleon_tokenizer(config).save_pretrained(root / "hf")
+  transformers.ChameleonImageProcessorPil(size={"shortest_edge": 16},
+                                          crop_size={"height": 16, "width": 16}).save_pretrained(
+                                              root / "hf")
+  from checkpoints_convert.convert import convert
+
+  convert(str(root / "hf"), str(root / "ng"), progress=False)
+  return str(root / "ng")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+  return write_ng_fixtures(str(tmp_path_factory.mktemp("ng_data")), seed=0)
+
+
+def _config(module, arg, model_dir, **data):
+  import importlib
+
+  config = importlib.import_module(f"configs.experiments.{module}").get_config(arg)
+  config.model = __import__("configs.models", fromlist=["get"]).get("local")
+  config.model.path = model_dir
+  config.mesh.data, config.mesh.model = 1, 1
+  config.batch_size = 4
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+def _records(workdir):
+  return RecordStore(os.path.join(workdir, "records.jsonl")).records()
+
+
+def test_attention_flow(model_dir, fixtures, tmp_path):
+  config = _config("ng_attention_flow", "local", model_dir, path=fixtures["imagenet"],
+                   classes=0, per_class=0)
+  config.experiment_config.hot = {"first_image": [0]}
+  metrics = loop.run(config, str(tmp_path / "w"), progress=False)
+  shares = metrics["shares"]
+  assert set(shares) == {"eoi", "last_image", "first_image", "other_image"}
+  np.testing.assert_allclose(np.sum([shares[k] for k in shares], axis=0), 1.0, rtol=1e-9)
+  assert len(shares["eoi"]) == 3 and os.path.exists(tmp_path / "w" / "figures" /
+                                                     "attention_flow.png")
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_knockout_evaluation(model_dir, fixtures, task, tmp_path):
+  if task == "vqa":
+    config = _config("ng_knockout", f"local,{task}", model_dir, path=fixtures["vqav2"],
+                     sample=8)
+  else:
+    config = _config("ng_knockout", f"local,{task}", model_dir,
+                     path=fixtures["coco_karpathy"], images=fixtures["coco_images"], first=0)
+  config.experiment_config.max_new_tokens = 3
+  config.experiment_config.random_tokens = 2
+  config.experiment_config.random_repeats = 2
+  workdir = str(tmp_path / "w")
+  metrics = loop.run(config, workdir, progress=False)
+  conditions = ["none", "eoi", "image_to_text", "random/0", "random/1", "last_image", "all_image"]
+  assert sorted(metrics["scores"]) == sorted(conditions)
+  examples = {r["example"] for r in _records(workdir)}
+  assert len(_records(workdir)) == len(examples) * len(conditions)
+  assert all(0 <= v for v in metrics["scores"].values()) and "random" in metrics
+  stored = json.load(open(os.path.join(workdir, "metrics.json")))
+  assert stored["task"] == task and os.path.exists(tmp_path / "w" / "figures" / "knockout.png")
+
+
+def test_neighbourhood_overlap(model_dir, fixtures, tmp_path):
+  config = _config("ng_overlap", "local", model_dir, path=fixtures["imagenet"], classes=0,
+                   per_class=0)
+  config.experiment_config.k = 2
+  workdir = str(tmp_path / "w")
+  metrics = loop.run(config, workdir, progress=False)
+  for probe in ("eoi", "last_image", "image_mean"):
+    chi = metrics["chi"][probe]
+    assert len(chi) == 4 and all(0 <= c <= 1 for c in chi)
+  assert os.listdir(os.path.join(workdir, "arrays"))  # the residuals live beside the records
