@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -27,7 +28,7 @@ import narrowgate_jax as ng
 from narrowgate_jax.analysis import category_sums, flow_shares
 from narrowgate_jax.evaluation.cider import cider_d
 from narrowgate_jax.evaluation.vqa import extract_answer, vqa_accuracy
-from narrowgate_jax.processing.roles import select
+from narrowgate_jax.processing.roles import Role, select
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.arrays import ARRAYS
 from narrowgate_jax.runs.experiment import Experiment, register
@@ -288,3 +289,188 @@ def _at(resid, mask: np.ndarray):
   last marked one where there are several, as the last of Emu3's two end tokens)."""
   index = jnp.asarray(mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1))
   return resid[:, jnp.arange(mask.shape[0]), index]
+
+
+# ---------------------------------------------------------------------------- modality gap
+
+
+@register
+class NgModalityGap(Experiment):
+  """Each example read twice (PROTOCOLS §2(a)): the image then its captions (one random text
+  token, BOS excluded, is the text vector) and the captions then the image (one random image
+  token is the image vector); every layer's output before the final norm, stored per example.
+  Metrics: quantiles of the cosine similarity of all image x text pairs per layer (signed or
+  absolute: `absolute`), and the ADP modality homogeneity where DADApy is installed."""
+
+  name = "ng_modality_gap"
+
+  def conditions(self, vlm) -> list[str]:
+    return ["vectors"]
+
+  def prepare(self, vlm, example, chat: bool = False):
+    captions = " ".join(example.answers[:5])
+    return vlm.prepare(images=[list(example.images)] * 2,
+                       prompts=["<image>" + captions, captions + " <image>"], chat=chat)
+
+  def _positions(self, roles: np.ndarray, examples) -> np.ndarray:
+    """[B, T] bool: one random text token in each image-first row, one random image token in
+    each captions-first row (rows 2i and 2i + 1 belong to example i; fillers copy the last)."""
+    mask = np.zeros(roles.shape, bool)
+    text, image = roles == Role.TEXT, select("image", roles)  # caption words (not BOS)
+    for row in range(roles.shape[0]):
+      example = examples[min(row // 2, len(examples) - 1)].id
+      rng = np.random.default_rng([int(self.config.seed), row % 2] + list(str(example).encode()))
+      candidates = np.flatnonzero(text[row] if row % 2 == 0 else image[row])
+      mask[row, rng.choice(candidates)] = True
+    return mask
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    positions = self._positions(np.asarray(batch.roles), examples)
+    out = vlm.forward(batch, capture=ng.Capture(resid_at=positions))
+    vectors = np.asarray(out.resid, np.float16)[:, :, 0]  # [L+1, rows, D]
+    return [{"example": ex.id, "condition": "vectors",
+             ARRAYS: {"text": vectors[1:, 2 * i], "image": vectors[1:, 2 * i + 1]}}
+            for i, ex in enumerate(examples)]
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    from narrowgate_jax.analysis import cosine_quantiles, modality_homogeneity
+
+    cfg = self.config.experiment_config
+    image = self.arrays(records, "image").astype(np.float32).transpose(1, 0, 2)  # [L, N, D]
+    text = self.arrays(records, "text").astype(np.float32).transpose(1, 0, 2)
+    quantiles = cosine_quantiles(image, text, absolute=bool(cfg.get("absolute", True)))
+    out = {"records": len(records), "layers": image.shape[0],
+           "cosine": {"q25": quantiles[:, 0].tolist(), "median": quantiles[:, 1].tolist(),
+                      "q75": quantiles[:, 2].tolist()}}
+    try:
+      labels = np.r_[np.zeros(image.shape[1]), np.ones(text.shape[1])]
+      out["homogeneity"] = [float(modality_homogeneity(np.concatenate([i, t]), labels))
+                            for i, t in zip(image, text)]
+    except ImportError as e:  # DADApy pins old jax / numpy: optional (see analysis.modality_gap)
+      out["homogeneity"] = None
+      out["homogeneity_unavailable"] = str(e).splitlines()[0]
+    return out
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    cos = metrics["cosine"]
+    layers = range(1, metrics["layers"] + 1)
+    with report.figure(os.path.join(directory, "modality_gap.png")) as (_, ax):
+      line, = ax.plot(layers, cos["median"], label="image x text cosine (median)")
+      ax.fill_between(layers, cos["q25"], cos["q75"], color=line.get_color(), alpha=0.2)
+      if metrics.get("homogeneity"):
+        ax.plot(layers, metrics["homogeneity"], label="ADP homogeneity")
+      ax.set_xlabel("layer")
+      ax.legend()
+    return ["modality_gap.png"]
+
+
+# -------------------------------------------------------------------------------- patching
+
+
+def _partners(dataset) -> dict[str, object]:
+  """Example id -> its partner: the i-th image of class A pairs with the i-th of class B, for
+  consecutive classes (A, B) in label order (an odd class out is left without a partner)."""
+  by_class: dict = {}
+  for i in range(len(dataset)):
+    by_class.setdefault(dataset[i].label, []).append(dataset[i])
+  classes = sorted(by_class, key=str)
+  out = {}
+  for a, b in zip(classes[0::2], classes[1::2]):
+    for x, y in zip(by_class[a], by_class[b]):
+      out[x.id], out[y.id] = y, x
+  return out
+
+
+@register
+class NgPatching(Experiment):
+  """Activation patching at EOI (PROTOCOLS §2(e), residual-stream variant): each example is the
+  recipient, its partner (the same-index image of the paired class) the source. For every layer
+  l, the input of decoder layer l at the recipient's EOI is replaced by the source's; metrics per
+  layer: the similarity sum_v min(p, q) of the patched recipient's next-token distribution to the
+  clean source's (baseline: clean recipient vs clean source) and the flip accuracy of
+  logit(recipient class) - logit(source class)."""
+
+  name = "ng_patching"
+
+  def __init__(self, config):
+    super().__init__(config)
+    from narrowgate_jax.runs.loop import load_data
+
+    self.partners = _partners(load_data(config.data))
+
+  def conditions(self, vlm) -> list[str]:
+    return ["clean"] + [f"patch/{l:03d}" for l in range(vlm.num_layers)]
+
+  def keep(self, example) -> bool:
+    return example.id in self.partners  # an unpaired class's images have no source
+
+  def prepare(self, vlm, example, chat: bool = False):
+    source = self.partners[example.id]
+    return vlm.prepare(images=[list(example.images), list(source.images)],
+                       prompts=[example.prompt, source.prompt], chat=chat)
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    from narrowgate_jax.analysis import distribution_similarity
+
+    clean = vlm.forward(batch, capture=ng.Capture(resid_at="eoi"))
+    resid = np.asarray(clean.resid)  # [L+1, rows, P, D]: the input of every layer at EOI
+    rows = batch.shape[0]
+    donor = np.arange(rows) ^ 1  # recipient row 2i takes row 2i + 1's activations, and back
+    conditions = ng.stack_conditions([
+        ng.patch(batch, at="eoi", values=resid[l:l + 1, donor], layers=[l])
+        for l in range(vlm.num_layers)])
+    patched = np.asarray(vlm.forward_from_prefix(batch, conditions).logits)  # [L, rows, V]
+    logits = np.asarray(clean.logits)[:, -1]  # [rows, V]
+    p = np.asarray(_softmax(logits))
+    p_patched = np.asarray(_softmax(patched))
+    records = []
+    for i, example in enumerate(examples):
+      r, s = 2 * i, 2 * i + 1
+      mine = _class_token(vlm, example.answer)
+      theirs = _class_token(vlm, self.partners[example.id].answer)
+      base = {"example": example.id, "recipient_token": mine, "source_token": theirs,
+              "clean_difference": float(logits[r, mine] - logits[r, theirs])}
+      records.append({**base, "condition": "clean", "similarity": float(
+          distribution_similarity(p[r], p[s]))})
+      for l in range(vlm.num_layers):
+        records.append({**base, "condition": f"patch/{l:03d}", "layer": l,
+                        "similarity": float(distribution_similarity(p_patched[l, r], p[s])),
+                        "difference": float(patched[l, r, mine] - patched[l, r, theirs])})
+    return records
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    clean = [r for r in records if r["condition"] == "clean"]
+    layers = sorted({r["layer"] for r in records if "layer" in r})
+    out = {"records": len(records), "pairs": len(clean),
+           "baseline_similarity": float(np.mean([r["similarity"] for r in clean])),
+           "similarity": [], "flip_accuracy": []}
+    for l in layers:
+      rows = [r for r in records if r.get("layer") == l]
+      out["similarity"].append(float(np.mean([r["similarity"] for r in rows])))
+      out["flip_accuracy"].append(float(np.mean(
+          [np.sign(r["difference"]) != np.sign(r["clean_difference"]) for r in rows])))
+    return out
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    layers = range(len(metrics["similarity"]))
+    with report.figure(os.path.join(directory, "patching.png")) as (_, ax):
+      ax.plot(layers, metrics["similarity"], label="similarity to the source")
+      ax.plot(layers, metrics["flip_accuracy"], label="flip accuracy")
+      ax.axhline(metrics["baseline_similarity"], color="grey", linestyle=":",
+                 label="clean recipient vs source")
+      ax.set_xlabel("patched layer (EOI, residual stream)")
+      ax.set_ylim(0, 1)
+      ax.legend()
+    return ["patching.png"]
+
+
+def _class_token(vlm, name: str) -> int:
+  ids = vlm.tokenizer(" " + name.strip(), add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise ValueError(f"class name {name!r} tokenizes to nothing")
+  return int(ids[0])
+
+
+def _softmax(logits) -> np.ndarray:
+  """Softmax over the last axis in float32."""
+  return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))

@@ -111,3 +111,47 @@ def test_neighbourhood_overlap(model_dir, fixtures, tmp_path):
     chi = metrics["chi"][probe]
     assert len(chi) == 4 and all(0 <= c <= 1 for c in chi)
   assert os.listdir(os.path.join(workdir, "arrays"))  # the residuals live beside the records
+
+
+def test_patching(model_dir, fixtures, tmp_path):
+  """Classes paired in label order (the fixture's third class has no partner and is left out);
+  every image once recipient and once source; similarity and flip accuracy per layer."""
+  config = _config("ng_patching", "local", model_dir, path=fixtures["imagenet"], classes=0,
+                   per_class=0)
+  workdir = str(tmp_path / "w")
+  metrics = loop.run(config, workdir, progress=False)
+  assert len(metrics["similarity"]) == len(metrics["flip_accuracy"]) == 3
+  assert all(0 <= v <= 1 for v in metrics["similarity"] + metrics["flip_accuracy"])
+  assert 0 < metrics["pairs"] < 12  # the unpaired class's images are not measured
+  assert os.path.exists(tmp_path / "w" / "figures" / "patching.png")
+
+
+def test_patching_every_layer_equals_a_separate_patched_forward(model_dir, fixtures):
+  """The stacked, shared-prefix patch at layer l equals one full forward with that patch."""
+  import narrowgate_jax as ng
+  from narrowgate_jax.data import load_imagenet_folders
+
+  vlm = ng.load(model_dir)
+  data = load_imagenet_folders(fixtures["imagenet"], classes=None, per_class=None)
+  a, b = data[0], data[len(data) - 1]
+  batch = vlm.prepare(images=[list(a.images), list(b.images)], prompts=[a.prompt, b.prompt])
+  resid = np.asarray(vlm.forward(batch, capture=ng.Capture(resid_at="eoi")).resid)
+  donor = np.array([1, 0])
+  patches = [ng.patch(batch, at="eoi", values=resid[l:l + 1, donor], layers=[l])
+             for l in range(vlm.num_layers)]
+  shared = np.asarray(vlm.forward_from_prefix(batch, ng.stack_conditions(patches)).logits)
+  for l, p in enumerate(patches):
+    full = np.asarray(vlm.forward(batch, interventions=p).logits)[:, -1]
+    np.testing.assert_allclose(shared[l], full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_modality_gap(model_dir, fixtures, tmp_path):
+  config = _config("ng_modality_gap", "local", model_dir, path=fixtures["coco_karpathy"],
+                   images=fixtures["coco_images"], first=0)
+  metrics = loop.run(config, str(tmp_path / "w"), progress=False)
+  cos = metrics["cosine"]
+  assert len(cos["median"]) == 3
+  assert all(0 <= lo <= mid <= hi <= 1 for lo, mid, hi in zip(cos["q25"], cos["median"],
+                                                              cos["q75"]))
+  assert metrics["homogeneity"] is None or len(metrics["homogeneity"]) == 3
+  assert os.path.exists(tmp_path / "w" / "figures" / "modality_gap.png")

@@ -49,8 +49,21 @@ class Experiment:
     """The prompt and its question part for `example` (default: the example's own)."""
     return example.prompt, example.question
 
+  def keep(self, example: Example) -> bool:
+    """Whether this experiment measures `example` (default: every one)."""
+    return True
+
+  def prepare(self, vlm, example: Example, chat: bool = False) -> Batch:
+    """One example as batch rows (default: its prompt, one row). An experiment that reads an
+    example in several prompts returns one row per prompt, the same number for every example."""
+    prompt, question = self.prompts(example)
+    images = [list(example.images)] if example.images else None
+    return vlm.prepare(images=images, prompts=[prompt],
+                       questions=[question] if question is not None else None, chat=chat)
+
   def run_batch(self, vlm, batch: Batch, examples: Sequence[Example]) -> list[dict]:
-    """One prepared batch (every row a real example, in order) -> its records."""
+    """One prepared batch -> the records of `examples` (its first rows, in order, as many per
+    example as `prepare` gives; the rows after them are fillers)."""
     raise NotImplementedError
 
   def metrics(self, records: Sequence[dict]) -> dict:

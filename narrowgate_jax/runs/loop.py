@@ -7,8 +7,9 @@ name, the dataset (it must exist and have examples), the model path, the workdir
 same config as any earlier run there), then the model is loaded and the examples not yet fully
 recorded are processed.
 
-Batching streams: each example is prepared on its own (`vlm.prepare`: tokenizer, image
-encoder), queued under the bucket its token count falls in (`runs.batching`), and a bucket's
+Batching streams: each example is prepared on its own (`Experiment.prepare`: tokenizer, image
+encoder; one row, or several when an experiment reads an example in several prompts), queued
+under the bucket its token count falls in (`runs.batching`), and a bucket's
 queue runs as one batch, padded to the bucket's length, once it holds `batch_size` examples; what
 is left at the end runs with filler rows (copies of a queued example, whose records are dropped).
 With a fixed batch size a dataset therefore compiles at most one forward per bucket used, and
@@ -161,7 +162,8 @@ def run(config: ml_collections.ConfigDict, workdir_path: str, *, dry_run: bool =
     return None
   experiment.workdir = workdir.path
   store = RecordStore(records_file(workdir))
-  todo = [dataset[i] for i in range(len(dataset)) if store.missing(dataset[i].id, conditions)]
+  todo = [dataset[i] for i in range(len(dataset))
+          if experiment.keep(dataset[i]) and store.missing(dataset[i].id, conditions)]
   _process(config, vlm, experiment, todo, buckets, store, progress)
   return finish(experiment, workdir, data_skipped)
 
@@ -173,11 +175,7 @@ def _buckets(config, vlm) -> tuple[int, ...]:
 
 
 def prepare_one(config, vlm, experiment: Experiment, example: Example) -> Batch:
-  prompt, question = experiment.prompts(example)
-  images = [list(example.images)] if example.images else None
-  return vlm.prepare(images=images, prompts=[prompt],
-                     questions=[question] if question is not None else None,
-                     chat=bool(config.model.get("chat", False)))
+  return experiment.prepare(vlm, example, chat=bool(config.model.get("chat", False)))
 
 
 def _process(config, vlm, experiment: Experiment, todo: Sequence[Example], buckets, store,
