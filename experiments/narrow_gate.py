@@ -132,9 +132,9 @@ class NgKnockoutEval(Experiment):
       names += ([f"random/{r}" for r in range(self.repeats)] if kind == "random" else [kind])
     return names
 
-  def _knockout(self, vlm, batch, name: str, examples):
+  def _knockout(self, vlm, batch, name: str, examples, layers=None):
     cfg = self.config.experiment_config
-    layers = _layers(cfg.layers, vlm.num_layers)
+    layers = _layers(cfg.layers if layers is None else layers, vlm.num_layers)
     mode = cfg.get("mode", "post_softmax")
     roles = np.asarray(batch.roles)
     if name == "eoi":
@@ -231,6 +231,73 @@ class NgKnockoutEval(Experiment):
       rows.append({"condition": "random (mean ± std)",
                    "score": f"{metrics['random']['mean']:.4g} ± {metrics['random']['std']:.2g}"})
     return "## Score per condition\n\n" + report.markdown_table(rows, ["condition", "score"])
+
+
+@register
+class NgKnockoutOverlap(NgKnockoutEval):
+  """Table 1's ImageNet column and the progressive knockout: the neighbourhood overlap chi (with
+  the class labels) of the last layer's output at the last prompt position, clean and under
+  each knockout in the last w layers for every w of `widths` ("all": every layer)."""
+
+  name = "ng_knockout_overlap"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    Experiment.__init__(self, config)
+    cfg = config.experiment_config
+    self.task = "overlap"
+    self.kinds = list(cfg.conditions)
+    self.repeats = int(cfg.get("random_repeats", 1))
+    self.widths = [str(w) for w in cfg.widths]
+
+  def _spec(self, width: str) -> str:
+    return "all" if width == "all" else f"last:{width}"
+
+  def conditions(self, vlm) -> list[str]:
+    for width in self.widths:
+      _layers(self._spec(width), vlm.num_layers)
+    kinds = [k for kind in self.kinds for k in (
+        [f"random/{r}" for r in range(self.repeats)] if kind == "random" else [kind])]
+    return [NONE] + [f"{k}@{w}" for k in kinds for w in self.widths]
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    names = self.conditions(vlm)[1:]
+    capture = ng.Capture(resid_at="last")
+    vectors = {NONE: np.asarray(vlm.forward(batch, capture=capture).resid)[-1, :, 0]}
+    if names:
+      conditions = ng.stack_conditions([
+          self._knockout(vlm, batch, n.split("@")[0], examples, self._spec(n.split("@")[1]))
+          for n in names])
+      resid = np.asarray(vlm.forward(batch, interventions=conditions, capture=capture).resid)
+      vectors.update(zip(names, resid[:, -1, :, 0]))  # [C, L+1, B, 1, D] -> last layer
+    return [{"example": ex.id, "condition": c, "label": ex.label,
+             ARRAYS: {"last": np.asarray(v[b], np.float16)}}
+            for c, v in vectors.items() for b, ex in enumerate(examples)]
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    from narrowgate_jax.analysis import neighbourhood_overlap
+
+    k = int(self.config.experiment_config.get("k", 30))
+    chi = {}
+    for condition in sorted({r["condition"] for r in records}):
+      rows = [r for r in records if r["condition"] == condition]
+      x = self.arrays(rows, "last").astype(np.float32)
+      chi[condition] = float(neighbourhood_overlap(jnp.asarray(x),
+                                                   np.asarray([str(r["label"]) for r in rows]),
+                                                   k=k))
+    return {"records": len(records), "k": k, "chi": chi}
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    names = list(metrics["chi"])
+    with report.figure(os.path.join(directory, "knockout_overlap.png"), width=6) as (_, ax):
+      ax.bar(names, [metrics["chi"][n] for n in names], color="#8172b2")
+      ax.set_ylabel(f"chi at the last layer, last token (k={metrics['k']})")
+      ax.tick_params(axis="x", rotation=45)
+    return ["knockout_overlap.png"]
+
+  def report(self, metrics, figures) -> str:
+    rows = [{"condition": n, "chi": v} for n, v in metrics["chi"].items()]
+    return "## Overlap with the labels under knockout\n\n" + report.markdown_table(
+        rows, ["condition", "chi"])
 
 
 # ------------------------------------------------------------------------------------ overlap

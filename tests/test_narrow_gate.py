@@ -155,3 +155,34 @@ def test_modality_gap(model_dir, fixtures, tmp_path):
                                                               cos["q75"]))
   assert metrics["homogeneity"] is None or len(metrics["homogeneity"]) == 3
   assert os.path.exists(tmp_path / "w" / "figures" / "modality_gap.png")
+
+
+def test_a_selector_matching_nothing_names_the_example(model_dir, fixtures, tmp_path):
+  """A knockout of a role some example lacks (Chameleon has no image row breaks) fails before
+  anything is written, naming the selector and the dataset example."""
+  config = _config("ng_knockout", "local,vqa", model_dir, path=fixtures["vqav2"], sample=2)
+  config.experiment_config.conditions = ["eoi"]
+  config.experiment_config.max_new_tokens = 2
+  import experiments.narrow_gate as NG
+
+  original = NG.NgKnockoutEval._knockout
+  NG.NgKnockoutEval._knockout = lambda self, vlm, batch, name, examples: vlm.knockout(
+      batch, keys="image_break", queries="all", mode="post_softmax")
+  try:
+    with pytest.raises(ValueError, match=r"'image_break' matches no token .*row 0: '\d+'"):
+      loop.run(config, str(tmp_path / "w"), progress=False)
+  finally:
+    NG.NgKnockoutEval._knockout = original
+
+
+def test_knockout_overlap_progressive(model_dir, fixtures, tmp_path):
+  config = _config("ng_knockout_overlap", "local", model_dir, path=fixtures["imagenet"],
+                   classes=0, per_class=0)
+  config.experiment_config.widths = ["all", "1"]
+  config.experiment_config.random_tokens = 2
+  config.experiment_config.k = 2
+  metrics = loop.run(config, str(tmp_path / "w"), progress=False)
+  expected = {"none"} | {f"{k}@{w}" for k in ("eoi", "image_to_text", "random/0")
+                         for w in ("all", "1")}
+  assert set(metrics["chi"]) == expected
+  assert all(0 <= v <= 1 for v in metrics["chi"].values())

@@ -192,7 +192,12 @@ def _process(config, vlm, experiment: Experiment, todo: Sequence[Example], bucke
     queue = queues.pop(length)
     rows = queue.batches + [queue.batches[-1]] * (size - len(queue.batches))  # fillers
     batch = concatenate([pad_to(b, length, pad) for b in rows])
-    records = experiment.run_batch(vlm, batch, queue.examples)
+    try:
+      records = experiment.run_batch(vlm, batch, queue.examples)
+    except ValueError as e:  # e.g. a selector that matches nothing: name the examples, not rows
+      per = batch.shape[0] // size
+      ids = ", ".join(f"row {i * per}: {ex.id!r}" for i, ex in enumerate(queue.examples))
+      raise ValueError(f"{e} [batch rows are examples {ids}]") from None
     store.append(store_arrays(records, experiment.workdir))
     tokens += int(sum(np.asarray(b.attention_mask).sum() for b in queue.batches))
     bar.update(len(queue.examples))
