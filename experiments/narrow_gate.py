@@ -541,3 +541,105 @@ def _class_token(vlm, name: str) -> int:
 def _softmax(logits) -> np.ndarray:
   """Softmax over the last axis in float32."""
   return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+
+
+@register
+class NgSteering(NgPatching):
+  """Steering at EOI (PROTOCOLS §2(e), "the natural generalisation"): the recipient's EOI input
+  to layer `layer` gets alpha * (mean_B - mean_A) added, mean_X the class mean of that
+  activation over the dataset (A the recipient's class, B its partner's), for every alpha of
+  `alphas` (`layer`, or `depth` as a fraction of the model's depth). The class means come from one pass over the dataset before the first batch.
+  Metrics per alpha: the fraction of recipients whose logit(B class) - logit(A class) turned
+  positive, and the similarity to the clean source distribution."""
+
+  name = "ng_steering"
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.means = None
+
+  def _layer(self, vlm) -> int:
+    """`layer` when set (>= 0), else `depth` (a fraction of the model's depth)."""
+    cfg = self.config.experiment_config
+    layer = int(cfg.get("layer", -1))
+    index = layer if layer >= 0 else int(round(float(cfg.depth) * vlm.num_layers))
+    if not 0 <= index < vlm.num_layers:
+      raise ValueError(f"steering layer {index} is outside the model's {vlm.num_layers} layers "
+                       f"(experiment_config.layer / depth)")
+    return index
+
+  def conditions(self, vlm) -> list[str]:
+    layer = self._layer(vlm)
+    if self.means is None:
+      self.means = self._class_means(vlm, layer)
+    return ["clean"] + [f"alpha/{float(a):g}" for a in self.config.experiment_config.alphas]
+
+  def _class_means(self, vlm, layer: int) -> dict:
+    """Class label -> mean EOI input of `layer` over that class's examples."""
+    from narrowgate_jax.runs.loop import load_data
+
+    dataset = load_data(self.config.data)
+    sums, counts = {}, {}
+    for start in range(0, len(dataset), 8):
+      chunk = [dataset[i] for i in range(start, min(start + 8, len(dataset)))]
+      batch = vlm.prepare(images=[list(e.images) for e in chunk], prompts=[e.prompt for e in chunk])
+      resid = np.asarray(vlm.forward(batch, capture=ng.Capture(resid_at="eoi")).resid)
+      for b, example in enumerate(chunk):
+        vector = resid[layer, b, -1].astype(np.float64)  # the (last) EOI position
+        sums[example.label] = sums.get(example.label, 0) + vector
+        counts[example.label] = counts.get(example.label, 0) + 1
+    return {label: sums[label] / counts[label] for label in sums}
+
+  def prepare(self, vlm, example, chat: bool = False):
+    source = self.partners[example.id]
+    return vlm.prepare(images=[list(example.images), list(source.images)],
+                       prompts=[example.prompt, source.prompt], chat=chat)
+
+  def run_batch(self, vlm, batch, examples) -> list[dict]:
+    from narrowgate_jax.analysis import distribution_similarity
+
+    layer = self._layer(vlm)
+    rows = batch.shape[0]
+    directions = np.zeros((rows, vlm.config.hidden_size), np.float32)
+    for i, example in enumerate(examples):
+      a, b = example.label, self.partners[example.id].label
+      directions[2 * i] = self.means[b] - self.means[a]
+    alphas = [float(a) for a in self.config.experiment_config.alphas]
+    conditions = ng.stack_conditions([
+        ng.patch(batch, at="eoi", values=alpha * directions[None], layers=[layer], add=True)
+        for alpha in alphas])
+    clean = np.asarray(vlm.forward(batch).logits)[:, -1]
+    steered = np.asarray(vlm.forward_from_prefix(batch, conditions).logits)  # [C, rows, V]
+    p, p_steered = _softmax(clean), _softmax(steered)
+    records = []
+    for i, example in enumerate(examples):
+      r, s = 2 * i, 2 * i + 1
+      mine = _class_token(vlm, example.answer)
+      theirs = _class_token(vlm, self.partners[example.id].answer)
+      base = {"example": example.id, "clean_difference": float(clean[r, theirs] - clean[r, mine])}
+      records.append({**base, "condition": "clean",
+                      "similarity": float(distribution_similarity(p[r], p[s]))})
+      for c, alpha in enumerate(alphas):
+        records.append({**base, "condition": f"alpha/{alpha:g}", "alpha": alpha,
+                        "difference": float(steered[c, r, theirs] - steered[c, r, mine]),
+                        "similarity": float(distribution_similarity(p_steered[c, r], p[s]))})
+    return records
+
+  def metrics(self, records: Sequence[dict]) -> dict:
+    alphas = sorted({r["alpha"] for r in records if "alpha" in r})
+    out = {"records": len(records), "alphas": alphas, "towards_source": [], "similarity": []}
+    for alpha in alphas:
+      rows = [r for r in records if r.get("alpha") == alpha]
+      out["towards_source"].append(float(np.mean([r["difference"] > 0 for r in rows])))
+      out["similarity"].append(float(np.mean([r["similarity"] for r in rows])))
+    return out
+
+  def figures(self, records, metrics, directory) -> list[str]:
+    with report.figure(os.path.join(directory, "steering.png")) as (_, ax):
+      ax.plot(metrics["alphas"], metrics["towards_source"], marker="o",
+              label="logit(B) > logit(A)")
+      ax.plot(metrics["alphas"], metrics["similarity"], marker="s", label="similarity to B")
+      ax.set_xlabel("alpha (steering strength)")
+      ax.set_ylim(0, 1)
+      ax.legend()
+    return ["steering.png"]

@@ -186,3 +186,19 @@ def test_knockout_overlap_progressive(model_dir, fixtures, tmp_path):
                          for w in ("all", "1")}
   assert set(metrics["chi"]) == expected
   assert all(0 <= v <= 1 for v in metrics["chi"].values())
+
+
+def test_steering(model_dir, fixtures, tmp_path):
+  config = _config("ng_steering", "local", model_dir, path=fixtures["imagenet"], classes=0,
+                   per_class=0)
+  config.experiment_config.layer = 1
+  config.experiment_config.alphas = [0.0, 8.0]
+  metrics = loop.run(config, str(tmp_path / "w"), progress=False)
+  assert metrics["alphas"] == [0.0, 8.0]
+  assert all(0 <= v <= 1 for v in metrics["towards_source"] + metrics["similarity"])
+  # alpha 0 adds nothing: as the clean recipient
+  records = RecordStore(str(tmp_path / "w" / "records.jsonl")).records()
+  zero = {r["example"]: r["difference"] for r in records if r["condition"] == "alpha/0"}
+  clean = {r["example"]: r["clean_difference"] for r in records if r["condition"] == "clean"}
+  for example, difference in zero.items():
+    np.testing.assert_allclose(difference, clean[example], rtol=1e-4, atol=1e-5)
