@@ -17,20 +17,21 @@ checkpoint runs the reference protocol. By default:
                   (feature layer -2, class token dropped), the image padded to a square.
 The examples (--examples, default 1) are seeded random RGB images (320 x 280) with one seeded
 random object box each (for the "related" / "other" image patches), and a prompt in a LLaVA-1.5
-chat format, the study's instruction around a 13-15 word question:
+chat format, the study's instruction around a question of 13-15 tokens:
   "A chat between a curious human and an artificial intelligence assistant. USER: <image>\\n
    {question} \\nAnswer the question using a single word or phrase. ASSISTANT:"
--> 40-42 text tokens + 576 image tokens per prompt.
+-> 41-43 text tokens + 576 image tokens per prompt.
 
 What is timed, per --settings (the flow sets: "all" = the six flows, "last" = Question->Last,
 Image->Last, Last->Last, "question" = Image->Question, Related->Question, Other->Question), for
-every window centre l = 0..L-1 of a --window (k = 9) layer window, pre-softmax knockout in all heads:
+every window centre l = 0..L-1 of a --window (k = 9) layer window, pre-softmax, in all heads:
   ours   the whole study step for the batch of examples: vlm.prepare(images=..., prompts=...,
          questions=...) (pixels, the jitted tower and projector, the tokenizer), then
          experiments/cross_modal.py's `CrossModalWindows.run_batch` itself: the related patches
          (vlm.region), the knockouts grouped by target, one `vlm.forward_from_prefix` per target
-         (the clean prompt once, then every condition over the positions from the target's first
-         one: X->Last flows the last position alone, X->Question flows from the question on), and
+         (each runs the clean prompt once, then every condition over the positions from the
+         target's first one: X->Last flows the last position alone, X->Question flows from the
+         question on, rounded down to a multiple of 16), and
          p(t*) of the clean argmax t* at the last position for every condition.
   torch  the reference protocol (PROTOCOLS.md §4): batch 1, one example after the other; per
          example LlavaProcessor(images=[image], text=[prompt]) once, one clean forward for t*, then
@@ -64,9 +65,11 @@ position: the cost every group pays once); the rest of run_batch (building and s
 knockouts, reading p(t*), the records) as the remainder. And torch's single full forward and its
 vision tower + projector alone (get_image_features), for the per-forward cost.
 
-Run time on 2 otherwise idle cores at the defaults: about 40 s to build, save, convert and load;
-then each torch sweep of one example takes about 3-4 minutes (97 full forwards of about 2 s) and
-ours about 10 s: with --repeats 1 and the breakdown, about 9 minutes in all.
+Run time at the defaults, on 2 cores shared with other work (load average about 5): about 20 s
+to build, save, convert and load; one torch sweep of one example took 6-12 minutes (97 full
+forwards of 4-7 s; a forward takes about 2 s on idle cores), ours 18-26 s; the whole run with
+--repeats 1 and the breakdown 8-15 minutes. Torch's OpenMP threads suffer most when other
+processes take the cores (its wall and CPU times vary by 2x from run to run there; ours by less).
 
 --threads N (default: every core this process may use) restricts the whole process to N cores
 (CPU affinity before JAX starts) and calls torch.set_num_threads(N). JAX runs on the CPU
@@ -286,7 +289,7 @@ def torch_sweep(torch_model, processor, examples, rows, flows: dict, windows, cl
     for example, row in zip(examples, rows):
       inputs = processor(images=[example.images[0]], text=[example.prompt], return_tensors="pt")
 
-      def last_probs():
+      def last_probs(inputs=inputs):
         logits = torch_model(**inputs, use_cache=False).logits[0, -1]
         return torch.softmax(logits.float(), dim=-1)
 
@@ -364,6 +367,41 @@ def _fmt_agreement(a: dict) -> str:
           + ("equal" if a["prompt_ids_equal"] else "DIFFER"))
 
 
+def run_setting(name: str, args, vlm, torch_model, processor, examples) -> dict:
+  """One flow set: the two sweeps timed side by side (benchmarks/forward.py's `measure`), the
+  agreement from the last timed call of each side."""
+  from narrowgate_jax.analysis import all_windows
+
+  flows = flow_sets()[name]
+  exp = experiment(flows, args.window)
+  rows = reference_rows(vlm, examples, flows)
+  windows = all_windows(args.window, vlm.num_layers)
+  images = [ex.images[0] for ex in examples]
+  prompts, questions = [ex.prompt for ex in examples], [ex.question for ex in examples]
+  last = {}  # the latest timed outputs of each side
+
+  def call_ours():
+    batch = vlm.prepare(images=images, prompts=prompts, questions=questions)
+    last["ours"] = exp.run_batch(vlm, batch, examples)
+    return last["ours"]
+
+  def call_torch():
+    if "warm" not in last:  # measure's warm-up call: one clean forward per example
+      last["warm"] = True
+      return torch_warmup(torch_model, processor, examples)
+    last["torch"] = torch_sweep(torch_model, processor, examples, rows, flows, windows,
+                                args.clean_per_flow)
+    return last["torch"]
+
+  result = measure(call_torch, call_ours, None, args.repeats)
+  result["agreement"] = agreement(last["torch"], ours_by_example(last["ours"], examples), rows,
+                                  torch_model.config.image_token_id)
+  result["flows"] = len(flows)
+  result["torch_forwards"] = (len(flows) * (vlm.num_layers + 1) if args.clean_per_flow
+                              else 1 + len(flows) * vlm.num_layers)
+  return result
+
+
 # ------------------------------------------------------------------------------- breakdown
 
 
@@ -396,10 +434,11 @@ def breakdown(args, vlm, examples, flows, torch_model, processor) -> dict:
 
   batch = prepare()
   parts = {"prepare": time_ours(prepare, args.repeats)}
-  parts["region"] = time_ours(lambda: [vlm.region(jax.tree.map(lambda x: np.asarray(x)[i:i + 1],
-                                                               batch), [images[i]],
-                                                  [[ex.meta["boxes"]]])
-                                       for i, ex in enumerate(examples)], args.repeats)
+  def region():  # as run_batch calls it: one example at a time
+    return [vlm.region(jax.tree.map(lambda x, i=i: np.asarray(x)[i:i + 1], batch), [images[i]],
+                       [[ex.meta["boxes"]]]) for i, ex in enumerate(examples)]
+
+  parts["region"] = time_ours(region, args.repeats)
   # Each group's forward_from_prefix, recorded while run_batch runs (the same calls, timed).
   groups, public = {}, vlm.forward_from_prefix
 
@@ -463,8 +502,8 @@ def print_report(results: dict, parts: dict, meta: dict) -> None:
   for name, r in results.items():
     n = meta["examples"]
     print(f"{name:<13}| {r['flows']:>5} | {r['torch_forwards']:>9} | "
-          f"{r['torch']['median_ms'] / n / 1e3:>10.2f} | {r['ours']['median_ms'] / n / 1e3:>9.2f} | "
-          f"{r['ratio_median']:>5.1f}x")
+          f"{r['torch']['median_ms'] / n / 1e3:>10.2f} | "
+          f"{r['ours']['median_ms'] / n / 1e3:>9.2f} | {r['ratio_median']:>5.1f}x")
   print("torch fwd: full forwards per example (vision tower + whole prefill each); s/ex: median "
         "seconds per example")
   if parts:
@@ -501,13 +540,11 @@ def main(argv=None) -> dict:
   threads = start_process(args.threads)
 
   import jax
-  import numpy as np
   import torch
   import transformers
 
   import narrowgate_jax as ng
   from checkpoints_convert.convert import convert
-  from narrowgate_jax.analysis import all_windows
 
   torch.set_num_threads(threads)
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
@@ -533,10 +570,6 @@ def main(argv=None) -> dict:
         f"load {t3 - t2:.1f}s")
 
   examples = benchmark_examples(args)
-  images = [ex.images[0] for ex in examples]
-  prompts, questions = [ex.prompt for ex in examples], [ex.question for ex in examples]
-  windows = all_windows(args.window, vlm.num_layers)
-  placeholder = torch_model.config.image_token_id
   all_rows = reference_rows(vlm, examples, flow_sets()["all"])
   real = [len(row["ids"]) for row in all_rows]
   image_tokens = int(all_rows[0]["feature_mask"].sum())
@@ -549,8 +582,8 @@ def main(argv=None) -> dict:
       "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab,
       "vision_hidden": args.vision_hidden, "vision_layers": args.vision_layers,
       "vision_heads": args.vision_heads, "vision_intermediate": args.vision_intermediate,
-      "image_side": args.image_side, "patch": args.patch, "image": "x".join(map(str,
-                                                                               args.image_size)),
+      "image_side": args.image_side, "patch": args.patch,
+      "image": f"{args.image_size[0]}x{args.image_size[1]}",
       "lm_parameters": lm_params, "vision_parameters": vision_params,
       "examples": args.examples, "window": args.window, "clean_per_flow": args.clean_per_flow,
       "tokens": f"{min(real)}-{max(real)}" if min(real) != max(real) else str(real[0]),
@@ -568,32 +601,8 @@ def main(argv=None) -> dict:
   results = {}
   meta["load_average"] = [os.getloadavg()[0]]
   for name in args.settings:
-    flows = flow_sets()[name]
-    exp = experiment(flows, args.window)
-    rows = reference_rows(vlm, examples, flows)
-
-    last = {}  # the latest timed outputs of each side, for the agreement
-
-    def call_ours():
-      batch = vlm.prepare(images=images, prompts=prompts, questions=questions)
-      last["ours"] = exp.run_batch(vlm, batch, examples)
-      return last["ours"]
-
-    def call_torch():
-      if "warm" not in last:  # measure's warm-up call: one clean forward per example
-        last["warm"] = True
-        return torch_warmup(torch_model, processor, examples)
-      last["torch"] = torch_sweep(torch_model, processor, examples, rows, flows, windows,
-                                  args.clean_per_flow)
-      return last["torch"]
-
     t0 = time.perf_counter()
-    results[name] = r = measure(call_torch, call_ours, None, args.repeats)
-    r["agreement"] = agreement(last["torch"], ours_by_example(last["ours"], examples), rows,
-                               placeholder)
-    r["flows"] = len(flows)
-    r["torch_forwards"] = (len(flows) * (vlm.num_layers + 1) if args.clean_per_flow
-                           else 1 + len(flows) * vlm.num_layers)
+    results[name] = r = run_setting(name, args, vlm, torch_model, processor, examples)
     print(f"  {name}: torch {r['torch']['median_ms'] / 1e3:.1f} s, ours "
           f"{r['ours']['median_ms'] / 1e3:.2f} s ({r['ratio_median']:.1f}x); "
           f"{_fmt_agreement(r['agreement'])} [{time.perf_counter() - t0:.0f}s]", flush=True)

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints_convert import llava_original
+from checkpoints_convert import llava_original, vila_u
 from checkpoints_convert.safetensors_stream import CheckpointReader
 from narrowgate_jax import checkpoint
 from narrowgate_jax.models.config import DecoderConfig
@@ -83,13 +83,17 @@ def read_checkpoint(hf_dir: str, dtype: str, allow_pickle: bool):
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r}; expected one of {sorted(DTYPES)}")
   raw = llava_original.read_raw_config(hf_dir)
-  if llava_original.is_original_llava(raw):
+  reader_class = CheckpointReader
+  if vila_u.is_vila_u(raw):  # llm/, vision_tower/, mm_projector/ read as one state dict
+    hf_config, family = vila_u.equivalent_config(hf_dir, raw), vila_u.FAMILY
+    reader_class = vila_u.ComponentReader
+  elif llava_original.is_original_llava(raw):
     hf_config = llava_original.equivalent_config(hf_dir, raw)
     family = llava_original.family(hf_config)
   else:
     family, hf_config = family_of(hf_dir)
   config = family.decoder_config(hf_config)
-  reader = CheckpointReader(hf_dir, allow_pickle=allow_pickle)
+  reader = reader_class(hf_dir, allow_pickle=allow_pickle)
   keys = set(reader.keys())
   side = None
   if hf_config.model_type in IMAGE_SIDES:
@@ -180,7 +184,10 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "float32", allow_pickle: boo
   for name in SIDE_FILES:
     if os.path.exists(os.path.join(hf_dir, name)):
       shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-  if llava_original.is_original_llava(llava_original.read_raw_config(hf_dir)):
+  raw = llava_original.read_raw_config(hf_dir)
+  if vila_u.is_vila_u(raw):  # its equivalent config, tokenizer from llm/, chat template
+    vila_u.write_side_files(hf_dir, out_dir, hf_config)
+  elif llava_original.is_original_llava(raw):
     # Written as its transformers equivalent, so loading needs no knowledge of the layout.
     hf_config.to_json_file(os.path.join(out_dir, "hf_config.json"))
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
@@ -197,6 +204,8 @@ def processor_config(hf_dir: str, hf_config) -> dict:
   if found:
     return found
   raw = llava_original.read_raw_config(hf_dir)
+  if vila_u.is_vila_u(raw):
+    return vila_u.processor_config(hf_dir, hf_config)
   if llava_original.is_original_llava(raw):
     return llava_original.processor_config(hf_config, raw)
   return {}

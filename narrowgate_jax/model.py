@@ -469,6 +469,8 @@ def _chat_template(directory: str) -> Optional[str]:
 def _hf_config_of_converted(directory: str):
   import transformers
 
+  from narrowgate_jax.models import vila_u  # noqa: F401  (registers its config with AutoConfig)
+
   with open(os.path.join(directory, "hf_config.json")) as f:
     fields = json.load(f)
   return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
