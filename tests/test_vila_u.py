@@ -405,3 +405,30 @@ def test_model_config_is_registered():
   config = get("vila_u_7b")
   assert config.family == "vila_u" and config.chat and config.hf_id == "mit-han-lab/vila-u-7b-256"
   assert "<im_end>" in config.eoi
+
+
+def test_narrow_gate_configs_take_it_like_any_model(model, tmp_path):
+  """Issue 9's last point: an experiment config runs on the converted VILA-U as on any model
+  (the attention-flow experiment, whose categories need the <im_end> gate)."""
+  from configs.experiments import ng_attention_flow
+  from configs.models import get
+  from experiments import narrow_gate  # noqa: F401
+  from narrowgate_jax.data import Example, write_jsonl
+  from narrowgate_jax.runs import loop
+
+  data = tmp_path / "data"
+  data.mkdir()
+  for i, image in enumerate(_images()):
+    image.save(data / f"{i}.png")
+  write_jsonl(str(data / "examples.jsonl"),
+              [Example(id=str(i), prompt="<image> what is in the picture", images=(
+                  str(data / f"{i}.png"),), answer="cat", label=i) for i in range(2)])
+  config = ng_attention_flow.get_config("vila_u_7b")
+  assert config.model.family == "vila_u" and config.model.hf_id == "mit-han-lab/vila-u-7b-256"
+  config.model = get("local")
+  config.model.path = str(model.out_dir)
+  config.data = __import__("ml_collections").ConfigDict(dict(format="jsonl", path=str(data),
+                                                             limit=0))
+  config.mesh.data, config.mesh.model = 1, 1
+  metrics = loop.run(config, str(tmp_path / "w"), progress=False)
+  assert {"eoi", "last_image", "other_image"} <= set(metrics["shares"])
