@@ -202,3 +202,24 @@ def test_steering(model_dir, fixtures, tmp_path):
   clean = {r["example"]: r["clean_difference"] for r in records if r["condition"] == "clean"}
   for example, difference in zero.items():
     np.testing.assert_allclose(difference, clean[example], rtol=1e-4, atol=1e-5)
+
+
+def test_datasets_library_formats(model_dir, fixtures, tmp_path):
+  """The same configs on data saved with the `datasets` library: captions from parquet,
+  ImageNet-style classes from a save_to_disk folder."""
+  pytest.importorskip("datasets")
+  config = _config("ng_knockout", "local,caption", model_dir)
+  config.data = __import__("ml_collections").ConfigDict(dict(
+      format="hf_datasets", path=fixtures["hf_parquet"], task="caption", split="", prompt="",
+      limit=0))
+  config.experiment_config.conditions = ["eoi"]
+  config.experiment_config.max_new_tokens = 2
+  metrics = loop.run(config, str(tmp_path / "captions"), progress=False)
+  assert set(metrics["scores"]) == {"none", "eoi"}
+  config = _config("ng_overlap", "local", model_dir)
+  config.data = __import__("ml_collections").ConfigDict(dict(
+      format="hf_datasets", path=fixtures["hf_disk"], task="classification", split="train",
+      prompt="", limit=0))
+  config.experiment_config.k = 1
+  metrics = loop.run(config, str(tmp_path / "classes"), progress=False)
+  assert len(metrics["chi"]["eoi"]) == 4
