@@ -25,8 +25,8 @@ import numpy as np
 
 from narrowgate_jax.models import anyres as pack
 from narrowgate_jax.models import pixtral_vit, projectors, vit
-from narrowgate_jax.models.families import SAME, TensorSource, first_present
-from narrowgate_jax.models.native import ImageSide
+from narrowgate_jax.models.families import (SAME, ImageSide, TensorSource, first_present,
+                                            flat_shapes)
 from narrowgate_jax.processing import anyres, pixtral_images
 from narrowgate_jax.processing.prompts import ImageSpan
 from narrowgate_jax.processing.roles import Role
@@ -46,11 +46,6 @@ def _prefixed(sources, part: str) -> tuple[TensorSource, ...]:
   return tuple(dataclasses.replace(s, path=f"{part}/{s.path}") for s in sources)
 
 
-def _flat_shapes(tree, part: str) -> dict:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {part + "/" + "/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-
 def _tower_config(hf_config):
   vision = hf_config.vision_config
   if vision.model_type == "pixtral":
@@ -62,11 +57,11 @@ def _tower_parts(config, keys) -> tuple[tuple[TensorSource, ...], dict]:
   if isinstance(config, pixtral_vit.PixtralViTConfig):
     prefix = first_present(PIXTRAL_PREFIXES, "patch_conv.weight", keys)
     return (_prefixed(pixtral_vit.pixtral_tensor_sources(config, prefix), "tower"),
-            _flat_shapes(pixtral_vit.pixtral_param_shapes(config), "tower"))
+            flat_shapes(pixtral_vit.pixtral_param_shapes(config), "tower/"))
   candidates = vit.LLAVA_PREFIXES + vit.JANUS_PREFIXES + (ORIGINAL_TOWER_PREFIX,)
   prefix = first_present(candidates, "embeddings.patch_embedding.weight", keys)
   return (_prefixed(vit.vit_tensor_sources(config, prefix), "tower"),
-          _flat_shapes(vit.vit_param_shapes(config), "tower"))
+          flat_shapes(vit.vit_param_shapes(config), "tower/"))
 
 
 def _llava_projector_parts(hf_config, keys):
@@ -77,7 +72,7 @@ def _llava_projector_parts(hf_config, keys):
                          PROJECTOR_PREFIXES[0])
   sources = projectors.projector_tensor_sources(prefix, names, bias=config.bias)
   return (_prefixed(sources, "projector"),
-          _flat_shapes(projectors.param_shapes(config), "projector"))
+          flat_shapes(projectors.param_shapes(config), "projector/"))
 
 
 def nonnative_side(hf_config, keys=None) -> ImageSide:
@@ -89,7 +84,7 @@ def nonnative_side(hf_config, keys=None) -> ImageSide:
     aligner = projectors.JanusAlignerConfig.from_hf(hf_config)
     prefix = first_present(JANUS_ALIGNER_PREFIXES, "fc1.weight", keys)
     sources += _prefixed(projectors.aligner_tensor_sources(aligner, prefix), "projector")
-    shapes.update(_flat_shapes(projectors.param_shapes(aligner), "projector"))
+    shapes.update(flat_shapes(projectors.param_shapes(aligner), "projector/"))
   else:
     more_sources, more_shapes = _llava_projector_parts(hf_config, keys)
     sources += more_sources
