@@ -139,6 +139,12 @@ def _head_fn(params, h, *, config, dtype, part: str) -> jax.Array:
   return out.reshape(shape[:-1] + out.shape[-1:])
 
 
+def _condition(conditions: Conditions, index: int) -> Conditions:
+  """Condition `index` alone, still with a leading condition axis of 1."""
+  return Conditions(stacked=jax.tree.map(lambda x: np.asarray(x)[index:index + 1],
+                                         conditions.stacked))
+
+
 def _prefix_start(batch: Batch, conditions: Conditions, start: Optional[int] = None) -> int:
   """Where a sweep's shared prefix ends: the first position any condition changes (the last
   position itself, else rounded down to a multiple of PREFIX_STEP so few suffix lengths
@@ -343,6 +349,29 @@ class VLM:
     return _head_fn(self.params, jnp.asarray(h), config=self.config, dtype=self.dtype,
                     part="unembed")
 
+  def _generate_groups(self, batch: Batch, conditions: Conditions, share_prefix: bool, args,
+                       kwargs) -> jax.Array:
+    """Conditions grouped by where their shared prefix ends (an [EOI] knockout shares
+    everything before EOI, an all-image one almost nothing), one call per group, the tokens put
+    back in condition order -> [C, B, max_new_tokens]."""
+    starts = np.zeros(conditions.size, int)
+    if share_prefix:
+      starts = np.asarray([_prefix_start(batch, _condition(conditions, c))
+                           for c in range(conditions.size)])
+    tokens = [None] * conditions.size
+    for start in np.unique(starts):
+      members = np.flatnonzero(starts == start)
+      stacked = jax.tree.map(lambda x: np.asarray(x)[members], conditions.stacked)
+      stacked = self._replicate(stacked)
+      if start > 0:
+        out = generate_from_prefix_fn(self.params, batch, stacked, *args, start=int(start),
+                                      **kwargs)
+      else:
+        out = generate_conditions_fn(self.params, batch, stacked, *args, **kwargs)
+      for i, c in enumerate(members):
+        tokens[c] = out[i]
+    return jnp.stack(tokens)
+
   def _checked(self, interventions: InterventionLike | Conditions) -> Interventions | Conditions:
     """`Conditions` as they are, anything else as one `Interventions`; either checked against
     this model (layer indices in range, vector widths)."""
@@ -374,9 +403,10 @@ class VLM:
       id, a list of ids, or None to always produce max_new_tokens tokens.
     pad_id: written after an example's end-of-sequence token (default: the tokenizer's pad id,
       else 0, as `prepare` pads).
-    share_prefix: with `Conditions`, run the prompt once up to the first position any condition
+    share_prefix: with `Conditions`, run the prompt once up to the first position a condition
       changes and recompute only the rest per condition (`generate.greedy_from_prefix`; equal to
-      full recomputation, tested). False recomputes every condition's whole prompt.
+      full recomputation, tested); conditions that change the prompt at different places run as
+      separate groups. False recomputes every condition's whole prompt.
     Returns GenerateOutput(tokens [B, max_new_tokens] int32, texts when there is a tokenizer);
     with `Conditions`, tokens [C, B, max_new_tokens] and texts [C][B].
     """
@@ -396,15 +426,7 @@ class VLM:
     args = (self._replicate(jnp.asarray(eos)), self._replicate(jnp.int32(pad_id)))
     interventions = self._checked(interventions)
     if isinstance(interventions, Conditions):
-      # Share the clean prompt up to the first position any condition changes (an [EOI]
-      # knockout: everything before EOI), unless asked not to or nothing would be shared.
-      start = _prefix_start(batch, interventions) if share_prefix else 0
-      stacked = self._replicate(interventions.stacked)
-      if start > 0:
-        tokens = generate_from_prefix_fn(self.params, batch, stacked, *args, start=start,
-                                         **kwargs)
-      else:
-        tokens = generate_conditions_fn(self.params, batch, stacked, *args, **kwargs)
+      tokens = self._generate_groups(batch, interventions, share_prefix, args, kwargs)
     else:
       tokens = generate_fn(self.params, batch, self._replicate(interventions), *args, **kwargs)
     tokens = np.asarray(tokens)

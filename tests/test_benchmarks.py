@@ -69,3 +69,33 @@ def test_window_knockout_benchmark_runs_and_agrees(tmp_path):
   assert agreement["conditions"] == 1 + 6 * 3
   assert agreement["p_within_tolerance"]  # each p(t*): within 1e-5 absolute or 1e-4 relative
   assert agreement["relative_change_max_abs"] > 0  # the knockouts change something
+
+
+def test_knockout_eval_benchmark_runs_and_agrees(tmp_path):
+  """The Narrow Gate knockout evaluation: ours (two generate calls over the batch) against one
+  transformers generate per example and condition, the knockout in an attention function."""
+  args = TINY_LM + ["--layers", "2", "--examples", "2", "--new_tokens", "4", "--codebook", "64",
+                    "--vq_channels", "32", "--vq_blocks", "1", "--image_side", "32",
+                    "--no-breakdown"]
+  _, result = _run("knockout_eval.py", args, tmp_path)
+  agreement = result["results"]["post_softmax"]["agreement"]
+  assert agreement["pairs"] == 8 * 2  # none, eoi, image->text, last, all image, 3 random draws
+  assert agreement["tokens_equal"] and agreement["mismatched_pairs"] == 0
+  assert agreement["sets_equal"] and agreement["prompt_ids_equal"]
+  assert agreement["image_ids_equal"]
+  assert agreement["changed_vs_none"] > 0  # the knockouts change what is generated
+
+
+def test_attention_flow_memory_benchmark_prints_its_numbers(tmp_path):
+  """Peak memory of the in-scan attention flow, against one layer's [B, H, T, T] float32."""
+  args = TINY_LM + ["--tokens", "128", "--text_tokens", "8", "--codebook", "64"]
+  stdout, result = _run("attention_flow_memory.py", args, tmp_path)
+  assert "peak RSS" in stdout and "XLA temp" in stdout and "bound 4x" in stdout
+  assert set(result["results"]) == {"logits", "probability", "value_norm"}
+  assert result["meta"]["layer_bytes"] == 1 * 4 * 128 * 128 * 4
+  for name in ("probability", "value_norm"):
+    r = result["results"][name]
+    assert r["peak_rss_mib"] is not None and r["rss_over_layer"] is not None
+    assert r["check"]["finite"] and r["check"]["received_shape"] == [1, 1, 4, 128]
+  assert result["results"]["probability"]["check"]["row_sum_max_rel_dev"] < 1e-5
+  assert result["results"]["value_norm"]["check"]["non_negative"]
