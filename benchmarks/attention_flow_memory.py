@@ -60,7 +60,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -70,7 +69,7 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (CompileTimes, PeakRSS, _status_kib,  # noqa: E402
+from benchmarks.forward import (CompileTimes, PeakRSS, _status_kib, environment,  # noqa: E402
                                 add_model_flags, add_run_flags, check_args, print_load_note,
                                 start_process)
 from benchmarks.native import chameleon_parts  # noqa: E402
@@ -330,7 +329,7 @@ def main(argv=None) -> dict:
 
   import jax
 
-  print(f"jax {jax.__version__} ({jax.default_backend()}); {threads} thread(s)")
+  env = environment(args, threads, torch_side=False)
   t0 = time.perf_counter()
   vlm, hf_config = build_model(args)
   batch, image_tokens = build_batch(args, hf_config)
@@ -349,9 +348,7 @@ def main(argv=None) -> dict:
       "image_tokens": image_tokens, "text_tokens": args.text_tokens,
       "layer_bytes": layer_bytes, "layer_mib": layer_bytes / MIB, "bound": BOUND,
       "logits_mib": args.batch * args.tokens * args.vocab * 4 / MIB,
-      "threads": threads, "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(),
-      "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+      **env,
   }
   results = {}
   meta["load_average"] = [os.getloadavg()[0]]

@@ -369,6 +369,44 @@ def print_load_note(meta: dict) -> None:
           "steadier numbers")
 
 
+def environment(args, threads: int, torch_side: bool = True) -> dict:
+  """What every benchmark's JSON records about the run and the machine; prints the versions.
+  torch_side: the script also runs transformers (its versions are recorded too)."""
+  import jax
+
+  env = {"threads": threads, "repeats": args.repeats, "seed": args.seed,
+         "cores": os.cpu_count(), "jax": jax.__version__, "jax_backend": jax.default_backend()}
+  line = f"jax {jax.__version__} ({jax.default_backend()})"
+  if torch_side:
+    import torch
+    import transformers
+
+    env.update(torch=torch.__version__, transformers=transformers.__version__)
+    line += f", torch {torch.__version__}, transformers {transformers.__version__}"
+  env.update(python=platform.python_version(), cpu=platform.processor() or platform.machine())
+  print(f"{line}; {threads} thread(s)")
+  return env
+
+
+def build_convert_load(build, prefix: str, **load_kwargs):
+  """A checkpoint written by `build(hf_dir)`, converted (float32) and loaded with `ng.load`, in a
+  temporary directory. Returns (what `build` returned, the VLM, "build+save ..s, convert ..s,
+  load ..s")."""
+  import narrowgate_jax as ng
+  from checkpoints_convert.convert import convert
+
+  with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
+    t0 = time.perf_counter()
+    built = build(hf_dir)
+    t1 = time.perf_counter()
+    convert(hf_dir, out_dir, dtype="float32", progress=False)
+    t2 = time.perf_counter()
+    vlm = ng.load(out_dir, **load_kwargs)
+    t3 = time.perf_counter()
+  return built, vlm, f"build+save {t1 - t0:.1f}s, convert {t2 - t1:.1f}s, load {t3 - t2:.1f}s"
+
+
 def start_process(threads: int | None) -> int:
   """Pins the process to `threads` cores and keeps JAX on the CPU and the hub offline; call
   before jax, torch or transformers are imported. Returns the number of cores used."""
@@ -383,13 +421,9 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = start_process(args.threads)
 
-  import jax
   import numpy as np
   import torch
-  import transformers
 
-  import narrowgate_jax as ng
-  from checkpoints_convert.convert import convert
 
   torch.set_num_threads(threads)
   meta = {
@@ -397,28 +431,14 @@ def main(argv=None) -> dict:
                 f"F={args.intermediate} V={args.vocab}"),
       "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
       "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab,
-      "batch": args.batch, "tokens": args.tokens, "dtype": args.dtype, "threads": threads,
-      "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-      "transformers": transformers.__version__, "python": platform.python_version(),
-      "cpu": platform.processor() or platform.machine(),
+      "batch": args.batch, "tokens": args.tokens, "dtype": args.dtype,
+      **environment(args, threads),
   }
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {threads} thread(s)")
-
-  with tempfile.TemporaryDirectory(prefix="ng_bench_") as tmp:
-    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-    t0 = time.perf_counter()
-    torch_model = build_checkpoint(args, hf_dir)
-    t1 = time.perf_counter()
-    convert(hf_dir, out_dir, dtype="float32", progress=False)
-    t2 = time.perf_counter()
-    vlm = ng.load(out_dir, dtype=args.dtype)
-    t3 = time.perf_counter()
+  torch_model, vlm, load_times = build_convert_load(lambda d: build_checkpoint(args, d),
+                                                    "ng_bench_", dtype=args.dtype)
   n_params = sum(p.numel() for p in torch_model.parameters())
   meta["parameters"] = n_params
-  print(f"{vlm}, {n_params / 1e6:.1f}M parameters; build+save {t1 - t0:.1f}s, "
-        f"convert {t2 - t1:.1f}s, load {t3 - t2:.1f}s")
+  print(f"{vlm}, {n_params / 1e6:.1f}M parameters; {load_times}")
   if args.dtype == "bfloat16":
     torch_model = torch_model.to(torch.bfloat16)
 

@@ -91,9 +91,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,9 +99,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (add_model_flags, add_run_flags, check_args,  # noqa: E402
-                                measure, print_load_note, print_timing_tables, start_process,
-                                summary)
+from benchmarks.forward import (add_model_flags, add_run_flags, build_convert_load,  # noqa: E402
+                                check_args, environment, measure, print_load_note,
+                                print_timing_tables, start_process, summary)
 from benchmarks.native import (IMAGE_SIZE, build_checkpoint, flat_image_tokens,  # noqa: E402
                                image_token_args)
 
@@ -592,36 +590,23 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = start_process(args.threads)
 
-  import jax
   import numpy as np
   import torch
-  import transformers
 
-  import narrowgate_jax as ng
-  from checkpoints_convert.convert import convert
   from narrowgate_jax.processing.roles import select
 
   torch.set_num_threads(threads)
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {threads} thread(s)")
+  env = environment(args, threads)
 
   examples = benchmark_examples(args)
   images = [ex.images[0] for ex in examples]
   prompts, questions = [ex.prompt for ex in examples], [ex.question for ex in examples]
-  with tempfile.TemporaryDirectory(prefix="ng_bench_knockout_eval_") as tmp:
-    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-    t0 = time.perf_counter()
-    torch_model, processor_call, _ = build_checkpoint(args, hf_dir, images, prompts)
-    t1 = time.perf_counter()
-    convert(hf_dir, out_dir, dtype="float32", progress=False)
-    t2 = time.perf_counter()
-    vlm = ng.load(out_dir)
-    t3 = time.perf_counter()
+  (torch_model, processor_call, _), vlm, load_times = build_convert_load(
+      lambda hf_dir: build_checkpoint(args, hf_dir, images, prompts), "ng_bench_knockout_eval_")
   register_reference_attention()
   torch_model.set_attn_implementation(REFERENCE_ATTENTION)
   lm_params = sum(p.numel() for n, p in torch_model.named_parameters() if "vqmodel" not in n)
-  print(f"{vlm}, LM {lm_params / 1e6:.1f}M parameters; build+save {t1 - t0:.1f}s, convert "
-        f"{t2 - t1:.1f}s, load {t3 - t2:.1f}s")
+  print(f"{vlm}, LM {lm_params / 1e6:.1f}M parameters; {load_times}")
 
   config = generation_config(torch_model, args.new_tokens)
   batch0 = vlm.prepare(images=images, prompts=prompts, questions=questions)
@@ -643,10 +628,7 @@ def main(argv=None) -> dict:
       "tokens": (f"{lengths.min()}-{lengths.max()}" if lengths.min() != lengths.max()
                  else str(lengths[0])),
       "image_tokens": image_tokens, "image": f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}",
-      "threads": threads, "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-      "transformers": transformers.__version__, "python": platform.python_version(),
-      "cpu": platform.processor() or platform.machine(),
+      **env,
   }
   print(f"{args.examples} example(s): {meta['tokens']} prompt tokens, {image_tokens} image tokens; "
         f"{meta['conditions']} conditions x {args.new_tokens} new tokens")

@@ -72,9 +72,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,9 +80,10 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (add_model_flags, add_run_flags, check_args,  # noqa: E402
-                                measure, print_load_note, print_time_table,
-                                print_timing_tables, relative_error, start_process)
+from benchmarks.forward import (add_model_flags, add_run_flags, build_convert_load,  # noqa: E402
+                                check_args, environment, measure, print_load_note,
+                                print_time_table, print_timing_tables, relative_error,
+                                start_process)
 
 
 SETTINGS = ("prepare", "logits", "+resid+attn")
@@ -371,37 +370,25 @@ def main(argv=None) -> dict:
   import jax
   import numpy as np
   import torch
-  import transformers
 
   import narrowgate_jax as ng
-  from checkpoints_convert.convert import convert
   from narrowgate_jax.models import chameleon_vq, emu3_vq
   from narrowgate_jax.models.native import ChameleonImages
   from narrowgate_jax.processing import images as im
 
   torch.set_num_threads(threads)
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {threads} thread(s)")
+  env = environment(args, threads)
 
   images, prompts = benchmark_inputs(args)
-  with tempfile.TemporaryDirectory(prefix="ng_bench_native_") as tmp:
-    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-    t0 = time.perf_counter()
-    torch_model, processor_call, image_processor = build_checkpoint(args, hf_dir, images,
-                                                                    prompts)
-    t1 = time.perf_counter()
-    convert(hf_dir, out_dir, dtype="float32", progress=False)
-    t2 = time.perf_counter()
-    vlm = ng.load(out_dir)
-    t3 = time.perf_counter()
+  (torch_model, processor_call, image_processor), vlm, load_times = build_convert_load(
+      lambda hf_dir: build_checkpoint(args, hf_dir, images, prompts), "ng_bench_native_")
   inner = torch_model.model
   vq_params = sum(p.numel() for p in inner.vqmodel.encoder.parameters()) + sum(
       p.numel() for p in inner.vqmodel.quant_conv.parameters()) + (
           inner.vqmodel.quantize.embedding.weight.numel())
   lm_params = sum(p.numel() for n, p in torch_model.named_parameters() if "vqmodel" not in n)
   print(f"{vlm}, LM {lm_params / 1e6:.1f}M parameters, VQ encoder + codebook "
-        f"{vq_params / 1e6:.1f}M; build+save {t1 - t0:.1f}s, convert {t2 - t1:.1f}s, "
-        f"load {t3 - t2:.1f}s")
+        f"{vq_params / 1e6:.1f}M; {load_times}")
 
   placeholder = torch_model.model.vocabulary_mapping.image_token_id
   inputs0 = processor_call(images, prompts)
@@ -419,10 +406,7 @@ def main(argv=None) -> dict:
       "pixel_values": list(inputs0["pixel_values"].shape),
       "tokens": int(inputs0["input_ids"].shape[1]),
       "image_tokens": int((inputs0["input_ids"][0] == placeholder).sum()),
-      "threads": threads, "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-      "transformers": transformers.__version__, "python": platform.python_version(),
-      "cpu": platform.processor() or platform.machine(),
+      **env,
   }
   print(f"pixel values {meta['pixel_values']}, {meta['tokens']} tokens per prompt of which "
         f"{meta['image_tokens']} image tokens; codebook spread over {args.codebook_used} of "

@@ -20,10 +20,10 @@ checkpoint is the reference. By default:
                   per image set on 2 cores; this keeps their token counts, which is what the
                   language model's time depends on. LLaVA-1.5: CLIP, 336 x 336 pixels -> 24 x 24 =
                   576 image tokens (feature layer -2, class token dropped), the image padded to a
-                  square with the mean colour. OneVision: SigLIP, 384 x 384 per view with patch 14 (as
-                  SigLIP-so400m/14-384: the convolution drops the last 6 pixels) -> 27 x 27 =
-                  729 tokens per view, AnyRes over the real anyres_max_9 pinpoints (384 i x 384 j,
-                  i, j = 1..6) with unpadding and a learned newline per row.
+                  square with the mean colour. OneVision: SigLIP, 384 x 384 per view with patch
+                  14 (as SigLIP-so400m/14-384: the convolution drops the last 6 pixels) -> 27 x
+                  27 = 729 tokens per view, AnyRes over the real anyres_max_9 pinpoints
+                  (384 i x 384 j, i, j = 1..6) with unpadding and a learned newline per row.
   projector       LLaVA's two-layer GELU MLP.
 The benchmark's images are seeded random RGB PIL images: 320 x 280 for LLaVA-1.5 (one view), 600 x
 280 for OneVision, which picks the 384 x 768 pinpoint: a base view and 2 tiles (3 x 729 tower
@@ -84,9 +84,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +93,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
     sys.path.insert(0, _path)
 
 from benchmarks.forward import (CompileTimes, add_model_flags, add_run_flags,  # noqa: E402
-                                check_args, measure, print_load_note, print_time_table,
-                                print_timing_tables, relative_error, start_process)
+                                build_convert_load, check_args, environment, measure,
+                                print_load_note, print_time_table, print_timing_tables,
+                                relative_error, start_process)
 
 
 SETTINGS = ("prepare", "logits", "+resid+attn")
@@ -489,31 +488,20 @@ def main(argv=None) -> dict:
   import jax
   import numpy as np
   import torch
-  import transformers
 
   import narrowgate_jax as ng
-  from checkpoints_convert.convert import convert
 
   torch.set_num_threads(threads)
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {threads} thread(s)")
+  env = environment(args, threads)
 
   images, prompts = benchmark_inputs(args)
-  with tempfile.TemporaryDirectory(prefix="ng_bench_nonnative_") as tmp:
-    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-    t0 = time.perf_counter()
-    torch_model, image_processor, processor = build_checkpoint(args, hf_dir)
-    t1 = time.perf_counter()
-    convert(hf_dir, out_dir, dtype="float32", progress=False)
-    t2 = time.perf_counter()
-    vlm = ng.load(out_dir)
-    t3 = time.perf_counter()
+  (torch_model, image_processor, processor), vlm, load_times = build_convert_load(
+      lambda hf_dir: build_checkpoint(args, hf_dir), "ng_bench_nonnative_")
   vision_params = sum(p.numel() for n, p in torch_model.named_parameters()
                       if "vision_tower" in n or "multi_modal_projector" in n)
   lm_params = sum(p.numel() for p in torch_model.parameters()) - vision_params
   print(f"{vlm}, LM {lm_params / 1e6:.1f}M parameters, vision tower + projector "
-        f"{vision_params / 1e6:.1f}M; build+save {t1 - t0:.1f}s, convert {t2 - t1:.1f}s, "
-        f"load {t3 - t2:.1f}s")
+        f"{vision_params / 1e6:.1f}M; {load_times}")
 
   placeholder = torch_model.config.image_token_id
   # The first prepare compiles the tower and projector; it comes before the timed settings
@@ -544,10 +532,7 @@ def main(argv=None) -> dict:
       "first_prepare_s": first_prepare_s, "first_prepare_compile": first_compile.seconds,
       "tokens": int(batch0.shape[1]),
       "image_tokens": int(np.asarray(batch0.feature_mask)[0].sum()),
-      "threads": threads, "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-      "transformers": transformers.__version__, "python": platform.python_version(),
-      "cpu": platform.processor() or platform.machine(),
+      **env,
   }
   print(f"pixel values {meta['pixel_values']}, {meta['tokens']} tokens per prompt of which "
         f"{meta['image_tokens']} image tokens; our first prepare {first_prepare_s:.1f}s (trace + "

@@ -81,9 +81,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,9 +89,9 @@ for _path in (REPO_ROOT, os.path.join(REPO_ROOT, "tests")):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
-from benchmarks.forward import (add_model_flags, add_run_flags, check_args,  # noqa: E402
-                                measure, print_load_note, print_timing_tables, start_process,
-                                summary)
+from benchmarks.forward import (add_model_flags, add_run_flags, build_convert_load,  # noqa: E402
+                                check_args, environment, measure, print_load_note,
+                                print_timing_tables, start_process, summary)
 from benchmarks.nonnative import EXTRA_WORDS, SPECIALS, _width_height, llava_parts  # noqa: E402
 
 SETTINGS = ("all", "last", "question")
@@ -539,26 +537,14 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   threads = start_process(args.threads)
 
-  import jax
   import torch
-  import transformers
 
-  import narrowgate_jax as ng
-  from checkpoints_convert.convert import convert
 
   torch.set_num_threads(threads)
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; {threads} thread(s)")
+  env = environment(args, threads)
 
-  with tempfile.TemporaryDirectory(prefix="ng_bench_window_knockout_") as tmp:
-    hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
-    t0 = time.perf_counter()
-    torch_model, processor = build_checkpoint(args, hf_dir)
-    t1 = time.perf_counter()
-    convert(hf_dir, out_dir, dtype="float32", progress=False)
-    t2 = time.perf_counter()
-    vlm = ng.load(out_dir)
-    t3 = time.perf_counter()
+  (torch_model, processor), vlm, load_times = build_convert_load(
+      lambda hf_dir: build_checkpoint(args, hf_dir), "ng_bench_window_knockout_")
   register_reference_attention()
   torch_model.set_attn_implementation({"text_config": REFERENCE_ATTENTION,
                                        "vision_config": "eager"})
@@ -566,8 +552,7 @@ def main(argv=None) -> dict:
                       if "vision_tower" in n or "multi_modal_projector" in n)
   lm_params = sum(p.numel() for p in torch_model.parameters()) - vision_params
   print(f"{vlm}, LM {lm_params / 1e6:.1f}M parameters, vision tower + projector "
-        f"{vision_params / 1e6:.1f}M; build+save {t1 - t0:.1f}s, convert {t2 - t1:.1f}s, "
-        f"load {t3 - t2:.1f}s")
+        f"{vision_params / 1e6:.1f}M; {load_times}")
 
   examples = benchmark_examples(args)
   all_rows = reference_rows(vlm, examples, flow_sets()["all"])
@@ -589,10 +574,7 @@ def main(argv=None) -> dict:
       "tokens": f"{min(real)}-{max(real)}" if min(real) != max(real) else str(real[0]),
       "image_tokens": image_tokens,
       "text_tokens": "/".join(str(n - image_tokens) for n in real),
-      "threads": threads, "repeats": args.repeats, "seed": args.seed, "cores": os.cpu_count(),
-      "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-      "transformers": transformers.__version__, "python": platform.python_version(),
-      "cpu": platform.processor() or platform.machine(),
+      **env,
   }
   print(f"{args.examples} example(s): {meta['tokens']} tokens per prompt, {image_tokens} image "
         f"tokens, {meta['text_tokens']} text tokens; window k={args.window} over "
