@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from PIL import Image
 
 from narrowgate_jax.data.examples import Example, ListDataset
+from narrowgate_jax.data.ng_common import read_json
 from narrowgate_jax.processing.prompts import IMAGE_MARKER
 
 # The study's prompt (its InformationFlow.py: DEFAULT_IMAGE_TOKEN + "\n" + question + " \nAnswer
@@ -339,16 +339,10 @@ def _str(record: Mapping, key: str, where: str) -> str:
 
 
 def _read_json(path: str | os.PathLike, what: str) -> dict:
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"GQA {what} file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+  data = read_json(path, f"GQA {what}")
   if not isinstance(data, dict):
-    raise ValueError(f"{path}: expected a JSON object keyed by id, got {type(data).__name__}")
+    raise ValueError(f"{os.fspath(path)}: expected a JSON object keyed by id, got "
+                     f"{type(data).__name__}")
   return data
 
 
