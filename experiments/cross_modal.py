@@ -41,6 +41,7 @@ import narrowgate_jax as ng
 from narrowgate_jax.analysis import (NO_TOKEN, all_windows, bootstrap_band,
                                      first_token_probability, logit_lens, relative_change,
                                      token_trajectories, window_layers)
+from narrowgate_jax.processing.prompts import continuation_token
 from narrowgate_jax.processing.roles import select
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.experiment import Experiment, register
@@ -55,15 +56,6 @@ FLOWS_TO_LAST = dict(question_to_last=dict(source="question", target="last"),
 FLOWS_TO_QUESTION = dict(image_to_question=dict(source="image_span", target="question"),
                          related_to_question=dict(source="related", target="question"),
                          other_to_question=dict(source="other", target="question"))
-
-
-def first_answer_token(tokenizer, answer: str) -> int:
-  """The first token of `answer` as a continuation of the prompt (a leading space, as after
-  "ASSISTANT:" or "Answer:")."""
-  ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-  if not ids:
-    raise ValueError(f"answer {answer!r} tokenizes to nothing")
-  return int(ids[0])
 
 
 def _needs_boxes(flows: dict) -> bool:
@@ -142,7 +134,7 @@ class CrossModalWindows(Experiment):
       for i in range(batch.shape[0]):
         if i >= n or reasons[i] is not None:
           related[i], other[i] = related[donor], other[donor]
-    answers = np.asarray([first_answer_token(vlm.tokenizer, ex.answer) for ex in examples])
+    answers = np.asarray([continuation_token(vlm.tokenizer, ex.answer) for ex in examples])
     windows = all_windows(self.window, num_layers)  # [L, M]
     # Flows with the same target share a prefix: one stacked call each.
     by_target: dict[str, list[tuple[str, int]]] = {}
@@ -260,11 +252,11 @@ class AnswerFormation(Experiment):
     names = ["lower", "capitalised", "true_option", "false_option"]
     tokens = np.full((batch.shape[0], len(names)), NO_TOKEN, np.int64)  # fillers: NaN rows
     for i, ex in enumerate(examples):
-      tokens[i, 0] = first_answer_token(vlm.tokenizer, ex.answer.lower())
-      tokens[i, 1] = first_answer_token(vlm.tokenizer, ex.answer[:1].upper() + ex.answer[1:])
+      tokens[i, 0] = continuation_token(vlm.tokenizer, ex.answer.lower())
+      tokens[i, 1] = continuation_token(vlm.tokenizer, ex.answer[:1].upper() + ex.answer[1:])
       options = ex.meta.get("options")  # Choose questions: [the answer, the other option]
       if options:
-        tokens[i, 2:] = [first_answer_token(vlm.tokenizer, o) for o in options[:2]]
+        tokens[i, 2:] = [continuation_token(vlm.tokenizer, o) for o in options[:2]]
     traj = np.asarray(token_trajectories(probs, jnp.asarray(tokens)))  # [L+1, B, K]
     records = []
     for i, example in enumerate(examples):

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 import narrowgate_jax as ng
+from narrowgate_jax.processing.prompts import continuation_token
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.experiment import Experiment, register
 
@@ -55,14 +56,6 @@ def _selector(value):
   return value if isinstance(value, str) else list(value)
 
 
-def _answer_token(tokenizer, answer: str) -> int:
-  """The first token of the answer as the model would continue the prompt with it."""
-  ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
-  if not ids:
-    raise ValueError(f"answer {answer!r} tokenizes to nothing")
-  return int(ids[0])
-
-
 @register
 class FirstTokenKnockout(Experiment):
   name = "first_token_knockout"
@@ -89,7 +82,7 @@ class FirstTokenKnockout(Experiment):
 
   def run_batch(self, vlm, batch, examples) -> list[dict]:
     n = len(examples)
-    answers = np.asarray([_answer_token(vlm.tokenizer, ex.answer) for ex in examples])
+    answers = np.asarray([continuation_token(vlm.tokenizer, ex.answer) for ex in examples])
     probs = {CLEAN: np.asarray(last_position_probs(vlm.forward(batch).logits))}
     by_mode: dict[str, list[str]] = {}
     for name in sorted(self.specs):

@@ -28,6 +28,7 @@ import narrowgate_jax as ng
 from narrowgate_jax.analysis import category_sums, flow_shares
 from narrowgate_jax.evaluation.cider import cider_d
 from narrowgate_jax.evaluation.vqa import extract_answer, vqa_accuracy
+from narrowgate_jax.processing.prompts import continuation_token
 from narrowgate_jax.processing.roles import Role, select
 from narrowgate_jax.runs import report
 from narrowgate_jax.runs.arrays import ARRAYS
@@ -493,8 +494,8 @@ class NgPatching(Experiment):
     records = []
     for i, example in enumerate(examples):
       r, s = 2 * i, 2 * i + 1
-      mine = _class_token(vlm, example.answer)
-      theirs = _class_token(vlm, self.partners[example.id].answer)
+      mine = continuation_token(vlm.tokenizer, example.answer)
+      theirs = continuation_token(vlm.tokenizer, self.partners[example.id].answer)
       base = {"example": example.id, "recipient_token": mine, "source_token": theirs,
               "clean_difference": float(logits[r, mine] - logits[r, theirs])}
       records.append({**base, "condition": "clean", "similarity": float(
@@ -531,13 +532,6 @@ class NgPatching(Experiment):
     return ["patching.png"]
 
 
-def _class_token(vlm, name: str) -> int:
-  ids = vlm.tokenizer(" " + name.strip(), add_special_tokens=False)["input_ids"]
-  if not ids:
-    raise ValueError(f"class name {name!r} tokenizes to nothing")
-  return int(ids[0])
-
-
 def _softmax(logits) -> np.ndarray:
   """Softmax over the last axis in float32."""
   return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
@@ -548,7 +542,8 @@ class NgSteering(NgPatching):
   """Steering at EOI (PROTOCOLS §2(e), "the natural generalisation"): the recipient's EOI input
   to layer `layer` gets alpha * (mean_B - mean_A) added, mean_X the class mean of that
   activation over the dataset (A the recipient's class, B its partner's), for every alpha of
-  `alphas` (`layer`, or `depth` as a fraction of the model's depth). The class means come from one pass over the dataset before the first batch.
+  `alphas` (at `layer`, or at `depth` as a fraction of the model's depth). The class means come
+  from one pass over the dataset before the first batch.
   Metrics per alpha: the fraction of recipients whose logit(B class) - logit(A class) turned
   positive, and the similarity to the clean source distribution."""
 
@@ -614,8 +609,8 @@ class NgSteering(NgPatching):
     records = []
     for i, example in enumerate(examples):
       r, s = 2 * i, 2 * i + 1
-      mine = _class_token(vlm, example.answer)
-      theirs = _class_token(vlm, self.partners[example.id].answer)
+      mine = continuation_token(vlm.tokenizer, example.answer)
+      theirs = continuation_token(vlm.tokenizer, self.partners[example.id].answer)
       base = {"example": example.id, "clean_difference": float(clean[r, theirs] - clean[r, mine])}
       records.append({**base, "condition": "clean",
                       "similarity": float(distribution_similarity(p[r], p[s]))})

@@ -189,3 +189,13 @@ def apply_chat_template(tokenizer, template: str, prompt: str, image_text: str) 
     raise ValueError(f"the chat template wrote {count_markers(templated)} image(s) for a prompt "
                      f"with {count_markers(prompt)}: {text!r}")
   return templated
+
+
+def continuation_token(tokenizer, text: str) -> int:
+  """The first token of `text` as the model would continue a prompt with it (a leading space,
+  as after "Answer:", "ASSISTANT:" or "This animal is a"): the token whose probability the
+  studies read at the last prompt position."""
+  ids = tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise ValueError(f"{text!r} tokenizes to nothing")
+  return int(ids[0])
