@@ -121,26 +121,52 @@ def _env():
   return env
 
 
+# Runs experiments.run with one change: the second append to records.jsonl writes only half of
+# its bytes, marks that it got there, and waits to be killed. So the kill lands mid-write on every
+# machine, however fast, and leaves a torn line behind.
+_TORN_RUN = """
+import os, sys, time
+from absl import app
+from experiments import run
+from narrowgate_jax.runs import records
+
+marker, calls = sys.argv.pop(1), []
+def half_then_wait(path, data):
+  calls.append(path)
+  if len(calls) < 2:
+    return write_whole(path, data)
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+  os.write(fd, data[: len(data) // 2])
+  os.fsync(fd)
+  os.close(fd)
+  open(marker, "w").close()
+  time.sleep(600)
+write_whole, records._append_bytes = records._append_bytes, half_then_wait
+app.run(run.main, flags_parser=run.parse_flags)
+"""
+
+
 def test_a_killed_run_resumes_with_every_record_exactly_once(finished, model_dir, data_dir,
                                                              tmp_path):
-  """SIGKILL once the first records are on disk (mid-run), restart, and compare with the run that
-  was never interrupted."""
+  """SIGKILL in the middle of writing the second batch's records, restart, and compare with the
+  run that was never interrupted."""
   workdir = str(tmp_path / "work")
-  args = _cli(*_cli_config_args(model_dir, data_dir), f"--workdir={workdir}")
-  records = os.path.join(workdir, "records.jsonl")
-  proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+  marker = str(tmp_path / "stopped_mid_write")
+  config_args = _cli_config_args(model_dir, data_dir) + [f"--workdir={workdir}"]
+  proc = subprocess.Popen([sys.executable, "-c", _TORN_RUN, marker, *_cli()[3:], *config_args],
+                          cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(records) and os.path.getsize(records) > 0:
-      break
+  while time.time() < deadline and proc.poll() is None and not os.path.exists(marker):
     time.sleep(0.05)
-  assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+  assert proc.poll() is None and os.path.exists(marker), proc.stderr.read().decode()[-2000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  partial = len(_keys(workdir))
+  records = os.path.join(workdir, "records.jsonl")
+  assert not open(records, "rb").read().endswith(b"\n"), "the kill should leave a torn line"
+  partial = len(_keys(workdir))  # opening the store cuts the torn line off
   assert 0 < partial < 12 * len(CONDITIONS)
-  done = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(_cli(*config_args), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   keys = _keys(workdir)
   assert len(keys) == len(set(keys)) == 12 * len(CONDITIONS)
