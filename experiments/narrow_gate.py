@@ -451,19 +451,27 @@ def _partners(dataset) -> dict[str, object]:
 
 @register
 class NgPatching(Experiment):
-  """Activation patching at EOI (PROTOCOLS §2(e), residual-stream variant): each example is the
-  recipient, its partner (the same-index image of the paired class) the source. For every layer
-  l, the input of decoder layer l at the recipient's EOI is replaced by the source's; metrics per
-  layer: the similarity sum_v min(p, q) of the patched recipient's next-token distribution to the
-  clean source's (baseline: clean recipient vs clean source) and the flip accuracy of
-  logit(recipient class) - logit(source class)."""
+  """Activation patching at EOI (PROTOCOLS §2(e)): each example is the recipient, its partner (the
+  same-index image of the paired class) the source. For every layer l, one of the study's two
+  variants (experiment_config.site):
+    "resid_pre": the input of decoder layer l at the recipient's EOI is replaced by the source's
+      (one layer at a time);
+    "attn_in": the self-attention input at EOI is replaced by the source's in every layer from l
+      to the last (what later text positions read from EOI, all the way up).
+  Metrics per layer: the similarity sum_v min(p, q) of the patched recipient's next-token
+  distribution to the clean source's (baseline: clean recipient vs clean source) and the flip
+  accuracy of logit(recipient class) - logit(source class)."""
 
   name = "ng_patching"
+  SITES = ("resid_pre", "attn_in")
 
   def __init__(self, config):
     super().__init__(config)
     from narrowgate_jax.runs.loop import load_data
 
+    self.site = config.experiment_config.get("site", "resid_pre")
+    if self.site not in self.SITES:
+      raise ValueError(f"experiment_config.site {self.site!r}; expected one of {self.SITES}")
     self.partners = _partners(load_data(config.data))
 
   def conditions(self, vlm) -> list[str]:
@@ -480,13 +488,21 @@ class NgPatching(Experiment):
   def run_batch(self, vlm, batch, examples) -> list[dict]:
     from narrowgate_jax.analysis import distribution_similarity
 
-    clean = vlm.forward(batch, capture=ng.Capture(resid_at="eoi"))
-    resid = np.asarray(clean.resid)  # [L+1, rows, P, D]: the input of every layer at EOI
+    clean = vlm.forward(batch, capture=ng.Capture(resid_at="eoi",
+                                                   attn_in=self.site == "attn_in"))
     rows = batch.shape[0]
     donor = np.arange(rows) ^ 1  # recipient row 2i takes row 2i + 1's activations, and back
-    conditions = ng.stack_conditions([
-        ng.patch(batch, at="eoi", values=resid[l:l + 1, donor], layers=[l])
-        for l in range(vlm.num_layers)])
+    num_layers = vlm.num_layers
+    if self.site == "resid_pre":
+      resid = np.asarray(clean.resid)  # [L+1, rows, P, D]: the input of every layer at EOI
+      conditions = [ng.patch(batch, at="eoi", values=resid[l:l + 1, donor], layers=[l])
+                    for l in range(num_layers)]
+    else:
+      attn_in = np.asarray(clean.attn_in)  # [L, rows, P, D]
+      conditions = [ng.patch(batch, at="eoi", values=attn_in[l:, donor],
+                             layers=range(l, num_layers), site="attn_in")
+                    for l in range(num_layers)]
+    conditions = ng.stack_conditions(conditions)
     patched = np.asarray(vlm.forward_from_prefix(batch, conditions).logits)  # [L, rows, V]
     logits = np.asarray(clean.logits)[:, -1]  # [rows, V]
     p = np.asarray(_softmax(logits))
@@ -526,7 +542,8 @@ class NgPatching(Experiment):
       ax.plot(layers, metrics["flip_accuracy"], label="flip accuracy")
       ax.axhline(metrics["baseline_similarity"], color="grey", linestyle=":",
                  label="clean recipient vs source")
-      ax.set_xlabel("patched layer (EOI, residual stream)")
+      ax.set_xlabel("patched layer (EOI, residual stream)" if self.site == "resid_pre"
+                    else "first patched layer (EOI, attention input, to the last layer)")
       ax.set_ylim(0, 1)
       ax.legend()
     return ["patching.png"]

@@ -25,6 +25,8 @@ class Capture:
       norm) -> Output.resid [L+1, B, T, D].
     resid_at: keep the residual stream only at these positions -> [L+1, B, P, D] with
       Output.resid_index [B, P] (padded with T).
+    attn_in: every layer's self-attention input (after its norm where the block has one: what an
+      "attn_in" patch replaces) -> Output.attn_in [L, B, T, D], or [L, B, P, D] at `resid_at`.
     attn: post-softmax attention probabilities -> Output.attn [L', B, N, T, S].
     attn_layers: only these layers (L' = len(attn_layers)); all layers when None.
     received_from: for every layer and head, the attention each key position receives, summed over
@@ -37,6 +39,7 @@ class Capture:
 
   resid: bool = False
   resid_at: Optional[Selector] = None
+  attn_in: bool = False
   attn: bool = False
   attn_layers: Optional[Sequence[int]] = None
   received_from: Optional[Selector] = None
@@ -64,7 +67,7 @@ class Capture:
       raise ValueError(f"Capture.received_weighting {self.received_weighting!r}; expected one of "
                        f"{WEIGHTINGS}")
     return CapturePlan(resid=self.resid or self.resid_at is not None, resid_index=resid_index,
-                       attn_layers=attn_layers, received_queries=received,
+                       attn_in=self.attn_in, attn_layers=attn_layers, received_queries=received,
                        value_weighted=self.received_weighting == "value_norm")
 
 
@@ -75,6 +78,7 @@ class CapturePlan:
   resid_index: Optional[jax.Array] = None  # [B, P] int32, or None for every position
   received_queries: Optional[jax.Array] = None  # [B, T] bool
   resid: bool = flax.struct.field(pytree_node=False, default=False)
+  attn_in: bool = flax.struct.field(pytree_node=False, default=False)
   attn_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   value_weighted: bool = flax.struct.field(pytree_node=False, default=False)
 
@@ -90,5 +94,6 @@ class Output:
   logits: jax.Array  # [B, T, V] float32
   resid: Optional[jax.Array] = None  # [L+1, B, T, D] or [L+1, B, P, D]
   resid_index: Optional[jax.Array] = None  # [B, P] when Capture.resid_at was given
+  attn_in: Optional[jax.Array] = None  # [L, B, T, D] or [L, B, P, D]
   attn: Optional[jax.Array] = None  # [L', B, N, T, S]
   received: Optional[jax.Array] = None  # [L, B, N, S]

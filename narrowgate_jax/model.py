@@ -46,7 +46,8 @@ def _run(params, batch: Batch, interventions: Interventions, plan: CapturePlan, 
 
 
 # Axis of the batch in each Output field (before any leading condition axis).
-_OUTPUT_BATCH_AXIS = {"logits": 0, "resid_index": 0, "resid": 1, "attn": 1, "received": 1}
+_OUTPUT_BATCH_AXIS = {"logits": 0, "resid_index": 0, "resid": 1, "attn_in": 1, "attn": 1,
+                      "received": 1}
 
 
 def _constrain_output(out: Output, mesh: Optional[Mesh], leading: int) -> Output:

@@ -343,6 +343,28 @@ def test_patch_matches_torch_hooks(llama, site):
   assert_changed(out.logits, torch_forward(hf, batch), batch)
 
 
+def test_attn_in_capture_matches_the_self_attention_input(llama):
+  """Capture(attn_in=True) == what transformers' self_attn receives (its hidden_states), in every
+  layer, at all positions and at `resid_at` positions."""
+  batch, hf = llama.batch, llama.hf
+  seen = []
+  handles = [layer.self_attn.register_forward_pre_hook(
+      lambda mod, args, kw: seen.append(kw["hidden_states"].detach().numpy()), with_kwargs=True)
+      for layer in hf.model.layers]
+  torch_forward(hf, batch)
+  for h in handles:
+    h.remove()
+  theirs = np.stack(seen)  # [L, B, T, D]
+  real = np.asarray(batch.attention_mask)
+  full = llama.vlm.forward(batch, capture=ng.Capture(attn_in=True))
+  assert_close(np.asarray(full.attn_in)[:, real], theirs[:, real], "attn_in")
+  at = span(batch, 2, 4)
+  picked = llama.vlm.forward(batch, capture=ng.Capture(resid_at=at, attn_in=True))
+  index = np.stack([np.flatnonzero(row) for row in at])
+  rows = np.arange(index.shape[0])[:, None]
+  assert_close(np.asarray(picked.attn_in), theirs[:, rows, index], "attn_in at positions")
+
+
 def test_steer_matches_torch_hooks(llama):
   """ng.steer == a pre-hook adding alpha * v at the selected positions of the chosen layers."""
   batch, hf = llama.batch, llama.hf

@@ -113,11 +113,13 @@ def test_neighbourhood_overlap(model_dir, fixtures, tmp_path):
   assert os.listdir(os.path.join(workdir, "arrays"))  # the residuals live beside the records
 
 
-def test_patching(model_dir, fixtures, tmp_path):
+@pytest.mark.parametrize("site", ["resid_pre", "attn_in"])
+def test_patching(model_dir, fixtures, tmp_path, site):
   """Classes paired in label order (the fixture's third class has no partner and is left out);
   every image once recipient and once source; similarity and flip accuracy per layer."""
   config = _config("ng_patching", "local", model_dir, path=fixtures["imagenet"], classes=0,
                    per_class=0)
+  config.experiment_config.site = site
   workdir = str(tmp_path / "w")
   metrics = loop.run(config, workdir, progress=False)
   assert len(metrics["similarity"]) == len(metrics["flip_accuracy"]) == 3
@@ -139,10 +141,16 @@ def test_patching_every_layer_equals_a_separate_patched_forward(model_dir, fixtu
   donor = np.array([1, 0])
   patches = [ng.patch(batch, at="eoi", values=resid[l:l + 1, donor], layers=[l])
              for l in range(vlm.num_layers)]
-  shared = np.asarray(vlm.forward_from_prefix(batch, ng.stack_conditions(patches)).logits)
-  for l, p in enumerate(patches):
-    full = np.asarray(vlm.forward(batch, interventions=p).logits)[:, -1]
-    np.testing.assert_allclose(shared[l], full, rtol=0, atol=1e-5 * np.abs(full).max())
+  attn_in = np.asarray(vlm.forward(batch, capture=ng.Capture(resid_at="eoi", attn_in=True)).attn_in)
+  patches += [ng.patch(batch, at="eoi", values=attn_in[l:, donor],
+                       layers=range(l, vlm.num_layers), site="attn_in")
+              for l in range(vlm.num_layers)]
+  for site in ("resid_pre", "attn_in"):
+    chosen = [p for p in patches if p.site == site]
+    shared = np.asarray(vlm.forward_from_prefix(batch, ng.stack_conditions(chosen)).logits)
+    for l, p in enumerate(chosen):
+      full = np.asarray(vlm.forward(batch, interventions=p).logits)[:, -1]
+      np.testing.assert_allclose(shared[l], full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
 def test_modality_gap(model_dir, fixtures, tmp_path):

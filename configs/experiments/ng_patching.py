@@ -14,5 +14,8 @@ def get_config(model: str = "chameleon_7b") -> ml_collections.ConfigDict:
   config = run_config("ng_patching", model)
   config.data = ml_collections.ConfigDict(dict(format="imagenet", path="data/imagenet", classes=20,
                                                per_class=50, seed=0, prompt="", limit=0))
+  # "resid_pre": layer l's input at EOI, one layer at a time; "attn_in": the attention input at EOI
+  # in every layer from l on (the study's two variants)
+  config.experiment_config = ml_collections.ConfigDict(dict(site="resid_pre"))
   config.batch_size = 2  # examples per batch; each is two rows (recipient, source)
   return config

@@ -164,6 +164,9 @@ class DecoderLayer(nn.Module):
       emitted["kv"] = new_kv
     if plan.resid:
       emitted["resid"] = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
+    if plan.attn_in:
+      emitted["attn_in"] = (attn_in if plan.resid_index is None
+                            else _gather_positions(attn_in, plan.resid_index))
     if plan.received_queries is not None:
       received = jnp.einsum("BNTS,BT->BNS", probs, plan.received_queries.astype(probs.dtype))
       emitted["received"] = received if value_norms is None else received * value_norms
@@ -244,6 +247,8 @@ class Decoder(nn.Module):
     if plan.resid:
       first = x if plan.resid_index is None else _gather_positions(x, plan.resid_index)
       out["resid"] = jnp.concatenate([first[None], emitted["resid"]], axis=0)
+    if plan.attn_in:
+      out["attn_in"] = emitted["attn_in"]
     if plan.received_queries is not None:
       out["received"] = emitted["received"]
     if plan.attn_layers:
