@@ -1,5 +1,6 @@
 """Per-family knowledge: how a transformers config maps to `DecoderConfig`, and which checkpoint
-tensor feeds which parameter (with the reshape that turns the torch layout into ours).
+tensor feeds which parameter (with the reshape that turns the torch layout into ours, and its
+inverse, so the same tables export our parameters back).
 
 Adding a family = one `Family` entry: where its language model sits in the checkpoint, and the
 few config fields that differ from Llama.
@@ -24,7 +25,7 @@ from narrowgate_jax.models.config import DecoderConfig
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How the rows of a checkpoint tensor (torch layout; rows = its first axis) land in our
-  parameter, so a tensor can be converted a block of rows at a time.
+  parameter, and back, so a tensor can be converted a block of rows at a time either way.
 
   Rows [r0, r1) fill indices [r0 / unit, r1 / unit) of our axis `row_axis`, where `unit` is the
   number of rows one index of that axis takes (head_dim for q/k/v weights, whose rows are
@@ -33,27 +34,34 @@ class Layout:
   Attributes:
     torch_shape: our shape -> the shape the checkpoint must have (checked from file headers).
     to_ours: (a block of rows, the shape of our block) -> our block.
+    to_torch: our block (any extent along `row_axis`) -> the checkpoint rows it holds; the exact
+      inverse of `to_ours` (a pure reshape / transpose: the result may be a view).
   """
 
   name: str
   row_axis: int
   torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
   to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  to_torch: Callable[[np.ndarray], np.ndarray]
   rows_per_index: Callable[[tuple[int, ...]], int] = lambda ours: 1
 
 
-SAME = Layout("same", 0, lambda ours: ours, lambda w, ours: w.reshape(ours))
+SAME = Layout("same", 0, lambda ours: ours, lambda w, ours: w.reshape(ours), lambda x: x)
 # nn.Linear weight [out, in] -> kernel [in, out]
-LINEAR = Layout("linear", 1, lambda ours: ours[::-1], lambda w, ours: w.T)
+LINEAR = Layout("linear", 1, lambda ours: ours[::-1], lambda w, ours: w.T, lambda x: x.T)
 # q/k/v projections [heads * H, D] -> [D, heads, H]
 HEADS_OUT = Layout("heads_out", 1, lambda ours: (ours[1] * ours[2], ours[0]),
-                   lambda w, ours: w.T.reshape(ours), rows_per_index=lambda ours: ours[2])
+                   lambda w, ours: w.T.reshape(ours),
+                   lambda x: x.reshape(x.shape[0], x.shape[1] * x.shape[2]).T,
+                   rows_per_index=lambda ours: ours[2])
 # o projection [D, N * H] -> [N, H, D]
 HEADS_IN = Layout("heads_in", 2, lambda ours: (ours[2], ours[0] * ours[1]),
-                  lambda w, ours: w.T.reshape(ours))
+                  lambda w, ours: w.T.reshape(ours),
+                  lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2]).T)
 # q/k/v biases [heads * H] -> [heads, H]
 HEAD_BIAS = Layout("head_bias", 0, lambda ours: (ours[0] * ours[1],),
-                   lambda w, ours: w.reshape(ours), rows_per_index=lambda ours: ours[1])
+                   lambda w, ours: w.reshape(ours), lambda x: x.reshape(x.shape[0] * x.shape[1]),
+                   rows_per_index=lambda ours: ours[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,3 +323,42 @@ def params_from_state(sources: Sequence[TensorSource], shape_tree,
   if set(flat) != set(shapes):  # the table and the module must describe the same tree
     raise AssertionError(f"parameters without a source: {sorted(set(shapes) - set(flat))}")
   return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def state_from_params(sources: Sequence[TensorSource], params, num_layers: int = 0,
+                      shapes: Optional[Mapping[str, tuple]] = None) -> dict[str, np.ndarray]:
+  """Our params tree -> the checkpoint state `params_from_state` reads it from: the exact
+  inverse, key -> numpy array in the torch layout and the parameter's own dtype. Per-layer
+  sources are unstacked into one tensor per layer ("{i}" -> 0..num_layers-1).
+
+  The arrays may be views of `params` (leaves already in host memory are not copied; device
+  arrays are fetched once each), so they need not be contiguous. `shapes` ("a/b/c" -> shape,
+  as `flat_shapes` gives for the module), when given, is the shape every parameter must have.
+
+  Raises KeyError naming a parameter the table needs that `params` lacks, ValueError naming a
+  parameter of the wrong shape (or depth) or one no source writes (it would be dropped
+  silently), AssertionError if the table and `shapes` describe different trees.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat = {"/".join(str(k.key) for k in path): leaf for path, leaf in leaves}
+  unwritten = set(flat) - {s.path for s in sources}
+  if unwritten:
+    raise ValueError(f"params has {sorted(unwritten)}, which no checkpoint tensor holds")
+  if shapes is not None and set(shapes) != {s.path for s in sources}:
+    raise AssertionError(f"the table and the module differ: "
+                         f"{sorted(set(shapes) ^ {s.path for s in sources})}")
+  state = {}
+  for source in sources:
+    if source.path not in flat:
+      raise KeyError(f"params lack parameter {source.path!r} (checkpoint tensor "
+                     f"{source.key!r})")
+    value = np.asarray(flat[source.path])
+    if shapes is not None and value.shape != tuple(shapes[source.path]):
+      raise ValueError(f"parameter {source.path} has shape {value.shape}, but the config "
+                       f"implies {shapes[source.path]}")
+    if source.per_layer and value.shape[:1] != (num_layers,):
+      raise ValueError(f"parameter {source.path} has shape {value.shape}: expected "
+                       f"{num_layers} stacked layers first")
+    for layer, key in iter_layer_keys(source, num_layers):
+      state[key] = source.layout.to_torch(value if layer is None else value[layer])
+  return state

@@ -155,10 +155,10 @@ class Codebook(nn.Module):
 # torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]; checkpoint rows (out
 # channels) fill our last axis.
 CONV2D = Layout("conv2d", 3, lambda ours: (ours[3], ours[2], ours[0], ours[1]),
-                lambda w, ours: w.transpose(2, 3, 1, 0))
+                lambda w, ours: w.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 # torch Conv3d weight [out, in, kt, kh, kw] -> flax kernel [kt, kh, kw, in, out].
 CONV3D = Layout("conv3d", 4, lambda ours: (ours[4], ours[3], ours[0], ours[1], ours[2]),
-                lambda w, ours: w.transpose(2, 3, 4, 1, 0))
+                lambda w, ours: w.transpose(2, 3, 4, 1, 0), lambda x: x.transpose(4, 3, 0, 1, 2))
 
 Sources = list[tuple[str, str, Layout]]  # (our "/"-joined path, checkpoint key, layout)
 
