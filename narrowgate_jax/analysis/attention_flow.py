@@ -28,7 +28,9 @@ def category_masks(roles: np.ndarray,
   """roles [B, T] -> {"eoi", "last_image", <extra names>, "other_image"}: disjoint [B, T] bool
   masks covering the image span (later names take precedence over "other_image" only)."""
   span = select(list(SPAN), roles, what="attention flow span")
-  masks = {"eoi": select("eoi", roles), "last_image": select("last_image", roles)}
+  # LLaVA-1.5-style spans have no end-of-image token: its share is then 0, not an error.
+  masks = {"eoi": select("eoi", roles, allow_empty=True),
+           "last_image": select("last_image", roles)}
   for name, mask in (extra or {}).items():
     mask = np.asarray(mask, bool)
     if mask.shape != span.shape:

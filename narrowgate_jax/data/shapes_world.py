@@ -334,8 +334,8 @@ def examples(num: int, seed: int, task: str = "vqa", attribute: str = "colour",
   prompt_template: None for the task's default (VQA_TEMPLATE, CAPTION_PROMPT,
     CLASSIFY_PROMPTS[attribute]); one "<image>" marker. Words outside `WORDS` are the caller's.
   backgrounds: greys; with several, each image's is a seeded choice among them.
-  meta: the four attributes, "bbox" [x0, y0, x1, y1] (pixels, x1/y1 exclusive) and "background"
-  [r, g, b].
+  meta: the four attributes, "bbox" [x0, y0, x1, y1] (pixels, x1/y1 exclusive), "boxes" (the
+  same box as GQA writes object boxes, for the cross-modal flows) and "background" [r, g, b].
   """
   _check_count("num", num, 1)
   _check_value("task", task, TASKS)
@@ -351,7 +351,10 @@ def examples(num: int, seed: int, task: str = "vqa", attribute: str = "colour",
   out = []
   for i, scene in enumerate(scenes):
     grey = greys[int(background_rng.integers(len(greys)))] if len(greys) > 1 else greys[0]
-    meta = {**scene.attributes(), "bbox": list(shape_box(scene, image_size)),
+    x0, y0, x1, y1 = shape_box(scene, image_size)
+    # "boxes" in GQA's convention ([x, y, x + w, y + h], drawn inclusive), so the cross-modal
+    # experiment's related-patch flows read the shape as the question's object.
+    meta = {**scene.attributes(), "bbox": [x0, y0, x1, y1], "boxes": [[x0, y0, x1 - 1, y1 - 1]],
             "background": list(grey)}
     fields: dict = {"prompt": template, "label": class_label(scene, attribute)}
     if task == "vqa":

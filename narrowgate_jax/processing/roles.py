@@ -67,11 +67,13 @@ def _named_mask(name: str, roles: np.ndarray) -> np.ndarray:
   raise ValueError(f"unknown token selector {name!r}; known: {', '.join(SELECTOR_NAMES)}")
 
 
-def select(selector: Selector, roles, *, what: str = "selector") -> np.ndarray:
+def select(selector: Selector, roles, *, what: str = "selector",
+           allow_empty: bool = False) -> np.ndarray:
   """Resolves a selector against roles [B, T] to a boolean mask [B, T].
 
   A selector is a name from SELECTOR_NAMES, a list of names (their union), or a boolean array
-  [B, T]. A selector that matches nothing in some example raises, naming the example.
+  [B, T]. A selector that matches nothing in some example raises, naming the example, unless
+  `allow_empty` (training batches that mix sequences with and without the selected tokens).
   """
   roles = np.asarray(roles)
   if isinstance(selector, str):
@@ -87,8 +89,9 @@ def select(selector: Selector, roles, *, what: str = "selector") -> np.ndarray:
           f"{what}: an explicit selector must be a boolean array of shape {roles.shape}, "
           f"got {mask.dtype} {mask.shape}")
   empty = np.flatnonzero(~mask.any(axis=1))
-  if empty.size:
-    raise ValueError(f"{what} {_describe(selector)} matches no token in example(s) {empty.tolist()}")
+  if empty.size and not allow_empty:
+    raise ValueError(f"{what} {_describe(selector)} matches no token in example(s) "
+                     f"{empty.tolist()}")
   return mask
 
 
