@@ -214,7 +214,7 @@ class CrossModalWindows(Experiment):
         line, = ax.plot(m["centre"], m["mean"], label=flow.replace("_", " "))
         ax.fill_between(m["centre"], m["low"], m["high"], color=line.get_color(), alpha=0.2)
       ax.axhline(0, color="black", linewidth=0.6)
-      ax.set_xlabel(f"layer (centre of a {metrics['window']}-layer window)")
+      report.layer_axis(ax, f"layer (centre of a {metrics['window']}-layer window)")
       ax.set_ylabel("change in p(answer) (%)")
       ax.legend()
     return ["window_knockout.png"]
@@ -282,7 +282,7 @@ class AnswerFormation(Experiment):
       if metrics["p_true_option"][0] is not None:  # Choose questions
         ax.plot(metrics["layers"], metrics["p_true_option"], "--", label="true option")
         ax.plot(metrics["layers"], metrics["p_false_option"], ":", label="false option")
-      ax.set_xlabel("layer")
+      report.layer_axis(ax)
       ax.set_ylabel("p(first answer token) at the last position")
       ax.legend()
     return ["answer_formation.png"]

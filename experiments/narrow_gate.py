@@ -83,7 +83,7 @@ class NgAttentionFlow(Experiment):
     with report.figure(os.path.join(directory, "attention_flow.png")) as (_, ax):
       for name, share in metrics["shares"].items():
         ax.plot(range(len(share)), share, label=name.replace("_", " "))
-      ax.set_xlabel("layer")
+      report.layer_axis(ax)
       ax.set_ylabel("share of attention to the image span")
       ax.set_ylim(0, 1)
       ax.legend()
@@ -346,7 +346,7 @@ class NgOverlap(Experiment):
     with report.figure(os.path.join(directory, "overlap.png")) as (_, ax):
       for probe, chi in metrics["chi"].items():
         ax.plot(range(len(chi)), chi, label=probe.replace("_", " "))
-      ax.set_xlabel("layer (0: embeddings)")
+      report.layer_axis(ax, "layer (0: embeddings)")
       ax.set_ylabel(f"neighbourhood overlap with labels (k={metrics['k']})")
       ax.legend()
     return ["overlap.png"]
@@ -427,7 +427,7 @@ class NgModalityGap(Experiment):
       ax.fill_between(layers, cos["q25"], cos["q75"], color=line.get_color(), alpha=0.2)
       if metrics.get("homogeneity"):
         ax.plot(layers, metrics["homogeneity"], label="ADP homogeneity")
-      ax.set_xlabel("layer")
+      report.layer_axis(ax)
       ax.legend()
     return ["modality_gap.png"]
 
@@ -542,8 +542,8 @@ class NgPatching(Experiment):
       ax.plot(layers, metrics["flip_accuracy"], label="flip accuracy")
       ax.axhline(metrics["baseline_similarity"], color="grey", linestyle=":",
                  label="clean recipient vs source")
-      ax.set_xlabel("patched layer (EOI, residual stream)" if self.site == "resid_pre"
-                    else "first patched layer (EOI, attention input, to the last layer)")
+      report.layer_axis(ax, "patched layer (EOI, residual stream)" if self.site == "resid_pre"
+                        else "first patched layer (EOI, attention input, to the last layer)")
       ax.set_ylim(0, 1)
       ax.legend()
     return ["patching.png"]

@@ -183,7 +183,7 @@ def test_examples_for_each_task():
     ys, xs = np.nonzero(_mask(pixels))
     assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
     assert v.prompt == "<image>" + v.question and v.question in world.QUESTIONS["position"]
-    assert v.answer == scene.position and v.answers == (v.answer,) and v.num_markers == 1
+    assert v.answer == scene.position and v.answers == (v.answer,) * 10 and v.num_markers == 1
     assert v.label == world.POSITIONS.index(scene.position)
     assert c.prompt == "<image>a picture of" and c.answers == (world.caption(scene),)
     assert c.label is None and c.question is None

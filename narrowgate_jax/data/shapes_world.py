@@ -66,6 +66,7 @@ BACKGROUND = (128, 128, 128)
 BACKGROUNDS = ((128, 128, 128), (96, 96, 96), (160, 160, 160))
 MIN_IMAGE_SIZE = 16
 TASKS = ("vqa", "caption", "classify")
+VQA_ANNOTATORS = 10  # answers per VQA question, as VQAv2 has
 
 # Several phrasings per attribute; the answer to each is the attribute's value (one word).
 QUESTIONS: Mapping[str, tuple[str, ...]] = {
@@ -327,7 +328,8 @@ def examples(num: int, seed: int, task: str = "vqa", attribute: str = "colour",
 
   The scenes are `sample_scenes(num, seed)` for every task and attribute.
     vqa: prompt = prompt_template with "{question}" replaced by one of QUESTIONS[attribute]
-      (seeded choice), question = that question, answer = the attribute's value, label = its index.
+      (seeded choice), question = that question, answer = the attribute's value (answers: it ten
+      times, VQAv2's unanimous annotators), label = its index.
     caption: prompt = prompt_template, answer = answers[0] = the caption, no label.
     classify: prompt = prompt_template, answer = the attribute's value (the class word),
       label = its index in VALUES[attribute].
@@ -366,8 +368,11 @@ def examples(num: int, seed: int, task: str = "vqa", attribute: str = "colour",
       fields.update(answer=caption(scene), label=None)
     else:
       fields.update(answer=answer(scene, attribute))
+    # A VQA answer comes as VQAv2's ten human answers, here unanimous: the official accuracy
+    # (leave one of ten out, min(1, matches / 3)) then scores the right answer 1, not 0.
+    answers = (fields["answer"],) * (VQA_ANNOTATORS if task == "vqa" else 1)
     out.append(Example(id=f"shapes-{i:0{width}d}", images=(_draw(scene, image_size, grey),),
-                       answers=(fields["answer"],), meta=meta, **fields))
+                       answers=answers, meta=meta, **fields))
   return out
 
 

@@ -32,6 +32,14 @@ def figure(path: str, width: float = 5.0, height: float = 3.2) -> Iterator:
       plt.close(fig)
 
 
+def layer_axis(ax, label: str = "layer") -> None:
+  """Labels the x axis as layers, with whole-number ticks only (small models have few layers)."""
+  from matplotlib.ticker import MaxNLocator
+
+  ax.set_xlabel(label)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
   """Rows of dicts -> a markdown table with `columns` (floats to 4 significant digits)."""
   def cell(value) -> str:
