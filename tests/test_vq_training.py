@@ -1,11 +1,12 @@
 """Training the Chameleon VQ tokenizer (training/vq.py) on the shapes world.
 
-One short training run of the organism's tokenizer config (module fixture) on the 160 scenes of
-`data.shapes_world`, a second identical run (determinism, through a workdir) and a third on the
-finished workdir (resume). The trained tokenizer is then loaded into transformers'
+One short training run of a one-level 8 px tokenizer (module fixture; every phase runs) on the
+160 scenes of `data.shapes_world`, a second identical run (determinism, through a workdir) and a
+third on the finished workdir (resume). The trained tokenizer is then loaded into transformers'
 ChameleonVQVAE by the checkpoint table `chameleon_vq.vq_tensor_sources` read backwards, and its
 codes must equal ours. The loss, the seeding and the re-seeding are checked on their own against
-numpy. The probe that the codes carry colour, shape, position and size trains longer: `slow`.
+numpy. The organism's own config, trained with the defaults, and the probes that its codes carry
+colour, shape, position and size take two minutes: `slow`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from narrowgate_jax.data import shapes_world as world
 from narrowgate_jax.models import chameleon_vq as cv
 from narrowgate_jax.training import vq
 
-# One level at 8 px (an 8x8 grid, a code per pixel), 16 four-wide codes: every training step
+# One level at 8 px (an 8x8 grid, a code per pixel), 64 four-wide codes: every training step
 # compiles once per phase, and compiling is most of this file's time, so the graph is kept small.
 # The organism's three-level config is trained in the slow test.
-CONFIG = cv.ChameleonVQConfig(embed_dim=4, num_embeddings=16, latent_channels=4, resolution=8,
+CONFIG = cv.ChameleonVQConfig(embed_dim=4, num_embeddings=64, latent_channels=4, resolution=8,
                               base_channels=32, channel_multiplier=(1,), num_res_blocks=1)
-# Every phase runs (autoencoder warm-up, two VQ rounds with a re-seed between), a few steps each.
-FAST = vq.VQTrainConfig(steps=8, pretrain_steps=4, rounds=2, batch_size=16, warmup_steps=1,
-                        init_sample=64, eval_sample=160, reseed_window=4, log_every=1, seed=0)
+# Every phase runs (autoencoder warm-up, two VQ rounds with a re-seed between), a few steps each;
+# the re-seed window is one batch of 8 images, so that some codes are dead and re-seeded.
+FAST = vq.VQTrainConfig(steps=8, pretrain_steps=4, rounds=2, batch_size=8, warmup_steps=1,
+                        init_sample=64, eval_sample=160, reseed_window=1, log_every=1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,8 @@ def test_kmeans_finds_well_separated_clusters():
 
 
 def test_reseed_replaces_only_the_dead_codes():
-  """Entries no code uses become latents of the window, the farthest from the live entries
-  first in probability; live entries stay bit for bit."""
+  """Entries no code uses become latents of the window (D²-sampled against the live entries:
+  a latent on a live entry is never drawn); live entries stay bit for bit."""
   rng = np.random.default_rng(0)
   codebook = rng.normal(size=(8, 3)).astype(np.float32)
   latents = rng.normal(size=(40, 3)).astype(np.float32)
@@ -118,6 +120,11 @@ def test_reseed_replaces_only_the_dead_codes():
   assert all(tuple(new[i]) in rows for i in dead)
   assert len({tuple(new[i]) for i in dead}) == 4
   np.testing.assert_array_equal(new, vq.reseed_dead(codebook, latents, codes, seed=0)[0])
+  # Every latent but one sits on a live entry: the one off them is the only possible draw.
+  on_live = np.concatenate([np.repeat(codebook[[0, 2]], 20, axis=0), [[9.0, 9.0, 9.0]]])
+  for seed in range(5):
+    new, _ = vq.reseed_dead(codebook, on_live, np.array([0, 2, 3, 4, 5, 6, 7]), seed=seed)
+    np.testing.assert_array_equal(new[1], [9.0, 9.0, 9.0])
   unchanged, none = vq.reseed_dead(codebook, latents, np.arange(8), seed=0)
   assert len(none) == 0
   np.testing.assert_array_equal(unchanged, codebook)
@@ -208,8 +215,9 @@ def test_reconstruction_error_falls(trained):
 
 
 def test_codebook_is_used(trained, images):
-  """At least a quarter of the 16 codes occur on the 160 scenes, measured again from the
-  returned parameters with `chameleon_vq.encode_codes`."""
+  """At least a quarter of the 64 codes occur on the 160 scenes, measured again from the
+  returned parameters with `chameleon_vq.encode_codes`; codes unused in the window were
+  re-seeded after the first round."""
   metrics = trained["metrics"]
   codes = np.asarray(cv.encode_codes(trained["tokenizer"], CONFIG, vq.pixel_values(images)))
   assert codes.shape == (160, 64)
@@ -219,7 +227,7 @@ def test_codebook_is_used(trained, images):
   counts = np.bincount(codes.reshape(-1), minlength=CONFIG.num_embeddings) / codes.size
   entropy = -np.sum(counts[counts > 0] * np.log(counts[counts > 0]))
   np.testing.assert_allclose(metrics["perplexity"], np.exp(entropy), rtol=1e-4)
-  assert len(metrics["reseeded"]) == 1
+  assert len(metrics["reseeded"]) == 1 and metrics["reseeded"][0] > 0
 
 
 def _torch_state(params: dict, config: cv.ChameleonVQConfig) -> dict:
@@ -268,9 +276,16 @@ def test_training_is_deterministic_and_resumes(trained, images, tmp_path):
   tokenizer, metrics = vq.train_tokenizer(images, CONFIG, FAST, str(tmp_path), progress=False)
   assert _trees_equal(tokenizer, trained["tokenizer"])
   assert metrics["recon_mse"] == trained["metrics"]["recon_mse"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder", "vq_1", "vq_2"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["autoencoder", "vq_1", "vq_2",
+                                                        vq.SETTINGS_FILE]
   again, _ = vq.train_tokenizer(images, CONFIG, FAST, str(tmp_path), progress=False)
   assert _trees_equal(again, tokenizer)
+  # Settings the phases' own checks cannot see are refused: the loss, the images.
+  with pytest.raises(ValueError, match="train_config.beta: 0.25 != 0.5"):
+    vq.train_tokenizer(images, CONFIG, dataclasses.replace(FAST, beta=0.5), str(tmp_path),
+                       progress=False)
+  with pytest.raises(ValueError, match="images_sha256"):
+    vq.train_tokenizer(images[::-1], CONFIG, FAST, str(tmp_path), progress=False)
 
 
 def test_bad_inputs_are_refused(images):
