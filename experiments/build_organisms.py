@@ -13,9 +13,11 @@ The three Chameleon organisms share one VQ image tokenizer, trained first.
 Each organism is a directory with model.safetensors, config.json, the tokenizer and the
 processor configs, loadable by `ng.load` and by transformers' own classes. Every step is a pure
 function of the seeds in the configs below, and the workdir holds resumable training state, so
-an interrupted build continues where it stopped. On the same kind of machine the command
-reproduces the shipped files bit for bit; MANIFEST.json lists their SHA-256 so a rebuild can be
-compared (another CPU family may round float32 sums differently).
+an interrupted build continues where it stopped. On the same kind of machine, with the same
+device count (plain CPU: one device; `XLA_FLAGS=--xla_force_host_platform_device_count` changes
+how XLA splits sums), the command reproduces the shipped files bit for bit; MANIFEST.json lists
+their SHA-256 so a rebuild can be compared (another CPU family may round float32 sums
+differently).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def build_native(name: str, vq_config, vq_params, out: str, workdir: str, progre
   directory = os.path.join(out, name)
   os.makedirs(directory, exist_ok=True)
   native.write_side_files(directory, hf_cfg, IMAGE_SIZE)
-  export(directory, params, hf_config=hf_cfg, image_params=vq_params)
+  export(directory, params, hf_config=hf_cfg, image_params=vq_params, overwrite=True)
   return {"config": dataclasses.asdict(config), "final": history[-1] if history else None}
 
 
@@ -83,7 +85,7 @@ def build_llava(out: str, workdir: str, progress: bool) -> dict:
   directory = os.path.join(out, "llava")
   os.makedirs(directory, exist_ok=True)
   nonnative.write_side_files(directory, hf_cfg, IMAGE_SIZE)
-  export(directory, lm_params, hf_config=hf_cfg, image_params=image_params)
+  export(directory, lm_params, hf_config=hf_cfg, image_params=image_params, overwrite=True)
   stages = ("language_model", "vision")
   return {"config": dataclasses.asdict(config),
           "final": {s: metrics[s][-1] if metrics[s] else None for s in stages},

@@ -1,7 +1,5 @@
 """The README's quick start: the demo job runs, and CI runs exactly the README's test command."""
 
-import json
-import math
 import pathlib
 import re
 
@@ -10,20 +8,23 @@ from experiments import demo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_and_reports_finite_numbers(tmp_path):
-  results = demo.run(str(tmp_path), seed=0)
-  assert (tmp_path / "checkpoint" / "narrowgate.json").exists()
-  layers = demo.CONFIG.num_layers
-  assert len(results["resid_norm_last_position_per_layer"]) == layers + 1
-  assert len(results["kl_window2_knockout_by_start_layer"]) == layers
-  received = results["attention_from_last_to_first_half_per_layer"]
-  assert all(0.0 < r < 1.0 for r in received)  # a share of the attention, averaged over heads
-  kls = results["kl_knockout_first_half_all_layers_pre_softmax"] + list(
-      results["kl_steer_by_alpha"].values())
-  assert all(math.isfinite(k) and k >= 0 for k in kls)
-  steer = results["kl_steer_by_alpha"]
-  assert steer["1.0"] < steer["4.0"] < steer["16.0"]  # a larger push moves the output further
-  json.dumps(results)
+def test_demo_runs_the_suite_on_the_organisms_and_writes_the_report(tmp_path):
+  """A small demo (8 examples, one native and the non-native organism): every run's workdir, the
+  side-by-side figures and a report that links them."""
+  summaries = demo.run(str(tmp_path), str(ROOT / "organisms"), examples=8,
+                       only=["chameleon_gate", "llava"], progress=False)
+  assert set(summaries) == {"chameleon_gate", "llava"}
+  for name, summary in summaries.items():
+    values = [v for v in summary.values() if v is not None]
+    assert values and all(0.0 <= v <= 1.0 for v in values), (name, summary)
+  assert "eoi_knockout" in summaries["chameleon_gate"]
+  assert summaries["llava"]["eoi_knockout"] is None  # no end-of-image token to knock out
+  report = (tmp_path / "report.md").read_text()
+  assert "| chameleon_gate |" in report and "figures/knockout_by_organism.png" in report
+  for figure in ("knockout_by_organism.png", "eoi_share_by_organism.png"):
+    assert (tmp_path / "figures" / figure).stat().st_size > 10_000
+  for experiment in demo.run_configs("chameleon_gate", "", {"vqa": "", "caption": ""}):
+    assert (tmp_path / "runs" / "chameleon_gate" / experiment / "report.md").exists()
 
 
 def test_ci_runs_the_readme_test_command():

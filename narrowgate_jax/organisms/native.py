@@ -7,9 +7,10 @@ The VQ image tokenizer (`training.vq`) is trained first and then frozen; its cod
 image tokens through Chameleon's own vocabulary map.
 
 Planted variants make the route of visual information known by construction:
-  "gate"     text after the image sees the image only through <eoss>: its attention to the codes
-             is blocked (pre-softmax) in every layer while the task is learned, and a penalty on
-             the attention mass it would otherwise pay them keeps the unmasked model the same;
+  "gate"     text after the image sees the image only through <eoss>: the task is learned with
+             its attention to the codes blocked (pre-softmax) in every layer and also unmasked,
+             with a penalty on the attention mass the unmasked model pays the codes, so the
+             shipped (unmasked) model answers as the masked one does;
   "no_gate"  the opposite: text after the image never attends to <eoss>.
 "none" plants nothing: whatever route the model finds is the finding.
 
@@ -64,7 +65,7 @@ class NativeOrganismConfig:
   learning_rate: float = 3e-3
   warmup_steps: int = 50
   weight_decay: float = 0.01
-  leak_weight: float = 1.0
+  leak_weight: float = 10.0
   text_to_image: float = 0.2
   seed: int = 0
 
@@ -162,22 +163,26 @@ def planted_edges(plant: str) -> list:
 
 
 def loss_fn(params, batch, rng, *, config, plant: str, leak_weight: float):
-  """Cross-entropy on the learned tokens with the plant's edges blocked, plus, for planted
-  organisms, `leak_weight` x the attention mass the unmasked model pays along those edges (the
-  share of a blocked query's attention, averaged over layers, heads and blocked queries)."""
+  """Cross-entropy on the learned tokens. For planted organisms: the cross-entropy both with the
+  plant's edges blocked and without (the shipped model runs unmasked), plus `leak_weight` x the
+  attention mass the unmasked model pays along the blocked edges (the share of a blocked query's
+  attention, averaged over layers, heads and blocked queries). The masked term forces the planted
+  route to carry the answer; the penalty keeps the unmasked model from opening another."""
   if plant == "none":
     loss = finetune.answer_loss(finetune.forward(params, config, batch, Interventions())["logits"],
                                 batch)
     return loss, {"task_loss": loss}
-  task, _ = finetune.masked_loss(params, batch, rng, config=config, mode="pre_softmax")
+  masked, _ = finetune.masked_loss(params, batch, rng, config=config, mode="pre_softmax")
   queries, keys = batch["queries"][:, 0], batch["keys"][:, 0]  # one rule: [B, T]
   clean = finetune.forward(params, config, batch, Interventions(),
                            CapturePlan(received_queries=queries))
+  unmasked = finetune.answer_loss(clean["logits"], batch)
   received = clean["received"]  # [L, B, N, S]: attention each key gets from the blocked queries
   mass = jnp.einsum("LBNS,BS->", received, keys.astype(received.dtype))
   count = config.num_layers * received.shape[2] * jnp.maximum(jnp.sum(queries), 1)
   leak = mass / count
-  return task + leak_weight * leak, {"task_loss": task, "leak": leak}
+  return masked + unmasked + leak_weight * leak, {"task_loss": masked,
+                                                  "unmasked_loss": unmasked, "leak": leak}
 
 
 def batches(training_rows: rows.Rows, plant: str, batch_size: int, seed: int):
