@@ -68,8 +68,8 @@ def write_data(directory: str, examples: int, seed: int = 0) -> dict[str, str]:
   return out
 
 
-def _base(config: ml_collections.ConfigDict, organism_dir: str, data_dir: str,
-          batch_size: int = 8) -> ml_collections.ConfigDict:
+def on_organism(config: ml_collections.ConfigDict, organism_dir: str, data_dir: str,
+                batch_size: int = 8) -> ml_collections.ConfigDict:
   """A study config pointed at an organism and a world dataset, sized for a laptop."""
   config.model.path = organism_dir
   config.model.dtype = "float32"
@@ -83,20 +83,20 @@ def _base(config: ml_collections.ConfigDict, organism_dir: str, data_dir: str,
 def run_configs(organism: str, organism_dir: str, data: dict[str, str]) -> dict:
   """{experiment name: config} for one organism (EOI-specific analyses only where there is one)."""
   native = organism in NATIVE
-  knockout = _base(ng_knockout.get_config("local,vqa"), organism_dir, data["vqa"])
+  knockout = on_organism(ng_knockout.get_config("local,vqa"), organism_dir, data["vqa"])
   knockout.experiment_config.update(
       conditions=KNOCKOUTS_NATIVE if native else KNOCKOUTS_NONNATIVE, random_tokens=8,
       random_repeats=2, max_new_tokens=2)
-  flow = _base(ng_attention_flow.get_config("local"), organism_dir, data["vqa"])
-  windows = _base(cm_window_knockout.get_config("local,,last"), organism_dir, data["vqa"], 1)
+  flow = on_organism(ng_attention_flow.get_config("local"), organism_dir, data["vqa"])
+  windows = on_organism(cm_window_knockout.get_config("local,,last"), organism_dir, data["vqa"], 1)
   windows.experiment_config.update(window=3, bootstrap=200)
   configs = {"knockout": knockout, "attention_flow": flow, "window_knockout": windows}
-  gap = _base(ng_modality_gap.get_config("local"), organism_dir, data["caption"], 4)
+  gap = on_organism(ng_modality_gap.get_config("local"), organism_dir, data["caption"], 4)
   configs["modality_gap"] = gap
   if native:
-    overlap = _base(ng_overlap.get_config("local"), organism_dir, data["vqa"])
+    overlap = on_organism(ng_overlap.get_config("local"), organism_dir, data["vqa"])
     overlap.experiment_config.k = 4
-    patching = _base(ng_patching.get_config("local"), organism_dir, data["vqa"], 4)
+    patching = on_organism(ng_patching.get_config("local"), organism_dir, data["vqa"], 4)
     patching.experiment_config.site = "attn_in"
     configs.update(overlap=overlap, patching=patching)
   return configs

@@ -17,7 +17,7 @@ import pytest
 
 import narrowgate_jax as ng
 from configs.experiments import ng_attention_flow, ng_knockout, ng_patching
-from experiments import narrow_gate  # noqa: F401  (registers the experiments)
+from experiments import demo  # also registers the experiments
 from narrowgate_jax.data import shapes_world as world
 from narrowgate_jax.runs import loop
 
@@ -36,11 +36,7 @@ def data(tmp_path_factory):
 
 
 def _point(config, organism: str, data_dir: str, batch_size: int = 8):
-  config.model.update(path=os.path.join(ORGANISMS, organism), dtype="float32", chat=False)
-  config.data = dict(format="jsonl", path=data_dir, limit=0)
-  config.batch_size = batch_size
-  config.buckets = (96,)
-  return config
+  return demo.on_organism(config, os.path.join(ORGANISMS, organism), data_dir, batch_size)
 
 
 def _knockout_scores(organism, data, tmp_path) -> dict:

@@ -45,14 +45,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from narrowgate_jax.capture import CapturePlan
 from narrowgate_jax.data import shapes_world as world
 from narrowgate_jax.interventions import Interventions
 from narrowgate_jax.model import VLM, random_params
 from narrowgate_jax.models import projectors, vit
-from narrowgate_jax.models.decoder import Decoder
 from narrowgate_jax.models.families import FAMILIES
 from narrowgate_jax.models.nonnative import LlavaImages
 from narrowgate_jax.organisms import tokens
@@ -60,7 +57,7 @@ from narrowgate_jax.processing import anyres
 from narrowgate_jax.processing.images import CLIP_MEAN, CLIP_STD
 from narrowgate_jax.processing.prompts import IMAGE_MARKER
 from narrowgate_jax.processing.roles import Role
-from narrowgate_jax.training import rows
+from narrowgate_jax.training import finetune, rows
 
 # The caption task's prompt without its image: the language model learns captions in these words.
 CAPTION_WORDS = world.CAPTION_PROMPT.replace(IMAGE_MARKER, "").strip()
@@ -448,19 +445,16 @@ def batches(training_rows: rows.Rows, batch_size: int, seed: int, recolour: floa
 
 def _objective(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
   """Mean cross-entropy over the trained tokens, and their greedy accuracy."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   weights = batch["weights"]
-  count = jnp.maximum(jnp.sum(weights), 1.0)
   hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(weights.dtype)
-  return jnp.sum(ce * weights) / count, {"accuracy": jnp.sum(hits * weights) / count}
+  accuracy = jnp.sum(hits * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return finetune.answer_loss(logits, batch), {"accuracy": accuracy}
 
 
 def language_loss_fn(params, batch, rng, *, config):
   """Stage 1: next-token cross-entropy of the language model on text rows."""
   del rng  # no dropout
-  out = Decoder(config).apply({"params": params}, batch["ids"], batch["positions"],
-                              batch["roles"] != Role.PAD, Interventions(), CapturePlan())
-  return _objective(out["logits"], batch)
+  return _objective(finetune.forward(params, config, batch, Interventions())["logits"], batch)
 
 
 def scatter_features(features: jax.Array, slots: jax.Array) -> jax.Array:
@@ -476,9 +470,8 @@ def vision_loss_fn(params, batch, rng, *, config, hf_cfg):
   del rng  # no dropout
   features = scatter_features(image_features(params["image"], hf_cfg, batch["pixels"]),
                               batch["slots"])
-  out = Decoder(config).apply({"params": params["lm"]}, batch["ids"], batch["positions"],
-                              batch["roles"] != Role.PAD, Interventions(), CapturePlan(),
-                              features, batch["slots"] >= 0)
+  with_features = {**batch, "features": features, "feature_mask": batch["slots"] >= 0}
+  out = finetune.forward(params["lm"], config, with_features, Interventions())
   return _objective(out["logits"], batch)
 
 
