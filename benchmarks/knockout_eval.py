@@ -36,15 +36,13 @@ sides produce exactly that many for every example and condition.
 
 What is timed: one call = the whole evaluation, every example under every condition.
   ours   vlm.prepare(images=..., prompts=..., questions=...) for the batch of examples (pixels,
-         the jitted VQ encoder, the tokenizer), then `vlm.generate(batch, max_new_tokens,
-         eos_id=None)` for "none" and one `vlm.generate(batch, max_new_tokens,
-         interventions=ng.stack_conditions([...the other conditions...]), eos_id=None)`: every
-         knockout condition in one compiled call (prefill and the decoding loop vmapped over the
-         conditions), sharing the clean prompt up to the first position any condition changes
-         (`generate.greedy_from_prefix`), as NgKnockoutEval.run_batch does. With "all_image" and
-         the random draws among the conditions that is the first image token (position 2; the
-         random draws' first keys lie a few dozen positions in), rounded down to 0: every
-         condition recomputes the whole prompt, so nothing is shared.
+         the jitted VQ encoder, the tokenizer), then one `vlm.generate(batch, max_new_tokens,
+         interventions=ng.stack_conditions([...every condition, "none" as ng.no_knockout...]),
+         eos_id=None)`, as NgKnockoutEval.run_batch does: the clean prompt runs once; "none"
+         is served by it; each other condition recomputes only the positions from the first one
+         it changes (eoi, image_to_text, last_image: the last few dozen; all_image and the random
+         draws: nearly the whole prompt), one call per group of conditions that start at the
+         same place; then one decoding loop generates for every condition at once.
   torch  the reference protocol (PROTOCOLS.md §4): batch 1, one example after the other; per
          example the processor once (images=[image], text=[prompt]), then per condition one full
          `model.generate(**inputs)` (the VQ encoder on the pixels, the prefill, then cached
@@ -67,19 +65,17 @@ sides, our prompt and image token ids equal to the processor's and get_image_tok
 many (condition, example) pairs generate something other than "none" (the knockouts do act).
 
 With --breakdown (the default), where the time goes, each part timed on its own (--repeats calls;
-our calls were compiled by the evaluation's warm-up): ours prepare, the plain generate and the
-conditions' generate, and, for comparison (not part of the evaluation), one generate of only the
-conditions that change the end of the prompt (eoi, image_to_text, last_image: shared prefix up to
-the last image token); torch the processor, get_image_tokens (the VQ encoder every full generate
-runs), one generate under the [EOI] knockout, and its prompt forward alone (pixels to the last
-position's logits, the reference attention). Also each condition's first edited position.
+our calls were compiled by the evaluation's warm-up): ours prepare, the clean prompt pass, each
+group's suffix passes (`generate.prompt_states_fn`) and the shared decoding loop; torch the
+processor, get_image_tokens (the VQ encoder every full generate runs), one generate under the
+[EOI] knockout, and its prompt forward alone (pixels to the last position's logits, the
+reference attention). Also each condition's first edited position and its group's start.
 
 Run time on 2 otherwise idle cores at the defaults: about 20 s to build, save, convert and load
-(up to a minute on a busy machine); a torch evaluation of 3 examples (24 generations of about 3 s)
-takes about 70 s, ours about 57 s (its warm-up about 60 s: compiling takes only 4 s); with
---repeats 1 and the breakdown (about 85 s), about 5 minutes in all. Ours holds every condition's
-[C x B, N, T, T] attention probabilities of a layer at once: about 5 GiB of peak memory at the
-defaults, growing with --examples.
+(up to a minute on a busy machine); a torch evaluation of 3 examples (24 generations of about
+3.5 s) takes about 85 s, ours about 20 s; with --repeats 1 and the breakdown, about 5 minutes in
+all. Ours holds every condition's KV cache at once while decoding ([L, C, B, K, T + N, H]: about
+1 GiB at the defaults, growing with --examples).
 
 --threads N (default: every core this process may use) restricts the whole process to N cores
 (CPU affinity before JAX starts) and calls torch.set_num_threads(N). JAX runs on the CPU
@@ -111,8 +107,6 @@ TEMPLATE = "<image>{question}\nAnswer the question using a single word or phrase
 QUESTIONS = ("what is in the picture ?", "what colour is the animal in this picture ?",
              "is this a cat or a dog ?", "what shape is this ?")
 KINDS = ("eoi", "image_to_text", "last_image", "all_image", "random")
-# The conditions that change only the end of the prompt (from the last image token on).
-LATE = ("eoi", "image_to_text", "last_image")
 # Chameleon's processor: <s> <racm3:break> [image tokens] <eoss> text.
 IMAGE_START, IMAGE_END = "<racm3:break>", "<eoss>"
 
@@ -402,38 +396,50 @@ def timed(call, repeats: int, warm: bool = False) -> dict:
 
 def breakdown(args, vlm, exp, examples, torch_model, processor_call, sets, config) -> dict:
   """Where each side's evaluation spends its time (each part on its own: our calls were compiled
-  by the evaluation's warm-up, torch compiles nothing), where each condition first changes the
-  prompt, and what the conditions that change only its end cost in a generate of their own."""
+  by the evaluation's warm-up, torch compiles nothing), and where each condition first changes
+  the prompt."""
+  import jax
+  import numpy as np
   import torch
 
   import narrowgate_jax as ng
   import reference as R
-  from narrowgate_jax.interventions import as_interventions
-  from narrowgate_jax.model import _prefix_start
+  from narrowgate_jax.generate import (decode_conditions_fn, eos_array, prefill_fn,
+                                       prompt_states_fn)
+  from narrowgate_jax.interventions import Interventions, as_interventions
+  from narrowgate_jax.model import _condition, _generation_start
 
   images = [ex.images[0] for ex in examples]
   prompts, questions = [ex.prompt for ex in examples], [ex.question for ex in examples]
-  names = exp.conditions(vlm)[1:]
+  names = exp.conditions(vlm)
   mode = exp.config.experiment_config.mode
 
   def prepare():
     return vlm.prepare(images=images, prompts=prompts, questions=questions)
 
-  batch = prepare()
+  batch = vlm._place(prepare())
   knockouts = [exp._knockout(vlm, batch, name, examples) for name in names]
   conditions = ng.stack_conditions(knockouts)
-  late = [name for name in names if name in LATE]
-  late_conditions = ng.stack_conditions([ko for name, ko in zip(names, knockouts) if name in LATE])
+  starts = [_generation_start(batch, _condition(conditions, c)) for c in range(len(names))]
+  static = dict(config=vlm.config, dtype=vlm.dtype)
   n, repeats = args.new_tokens, args.repeats
-  ours = {
-      "prepare": timed(prepare, repeats),
-      "generate none": timed(lambda: vlm.generate(batch, n, eos_id=None), repeats),
-      f"generate x{len(names)}": timed(
-          lambda: vlm.generate(batch, n, interventions=conditions, eos_id=None), repeats),
-      f"generate x{len(late)} late": timed(  # a new program: compiled in its warm-up call
-          lambda: vlm.generate(batch, n, interventions=late_conditions, eos_id=None), repeats,
-          warm=True),
-  }
+  run = lambda f: lambda: jax.block_until_ready(f())  # noqa: E731
+  clean = jax.block_until_ready(prefill_fn(vlm.params, batch, Interventions(), **static))
+  ours = {"prepare": timed(prepare, repeats),
+          "clean prompt": timed(run(lambda: prefill_fn(vlm.params, batch, Interventions(),
+                                                       **static)), repeats)}
+  for start in sorted(set(starts) - {batch.shape[1]}):
+    members = [c for c, s in enumerate(starts) if s == start]
+    stacked = jax.tree.map(lambda x: np.asarray(x)[members], conditions.stacked)
+    ours[f"suffix from {start}"] = timed(run(lambda: prompt_states_fn(
+        vlm.params, batch, stacked, None if start == 0 else clean[1], start=start, **static)),
+        repeats)
+  c = len(names)
+  logits = jax.numpy.broadcast_to(clean[0], (c,) + clean[0].shape)
+  kv = jax.tree.map(lambda x: jax.numpy.repeat(x[:, None], c, axis=1), clean[1])
+  ours[f"decode x{c}"] = timed(run(lambda: decode_conditions_fn(
+      vlm.params, batch, logits, kv, conditions.stacked, jax.numpy.asarray(eos_array(None)),
+      jax.numpy.int32(0), max_new_tokens=n, **static)), repeats, warm=True)
   inputs = processor_call([images[0]], [prompts[0]])
   layers = [layer.self_attn for layer in R.decoder_layers(torch_model)]
   queries, generated, keys = sets[0]["eoi"]
@@ -459,10 +465,8 @@ def breakdown(args, vlm, exp, examples, torch_model, processor_call, sets, confi
     }
   first = {name: int(as_interventions(ko).first_edited_position().min())
            for name, ko in zip(names, knockouts)}
-  return {"ours": ours, "torch": theirs, "conditions": len(names), "late": late,
-          "first_edited": first, "shared_prefix": _prefix_start(batch, conditions),
-          "late_shared_prefix": _prefix_start(batch, late_conditions),
-          "prompt_length": int(batch.shape[1])}
+  return {"ours": ours, "torch": theirs, "conditions": len(names), "first_edited": first,
+          "starts": dict(zip(names, map(int, starts))), "prompt_length": int(batch.shape[1])}
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -476,7 +480,7 @@ def print_report(results: dict, parts: dict, meta: dict) -> None:
         f"thread(s), {meta['repeats']} timed call(s) each (median, min in parentheses)")
   print_timing_tables(results, "agreement with torch", lambda r: _fmt_agreement(r["agreement"]))
   print("one call = the whole evaluation, every example under every condition (ours: one batch, "
-        "2 generate calls; torch: one full generate per example and condition). 1st call: the "
+        "1 generate call; torch: one full generate per example and condition). 1st call: the "
         "excluded warm-up (ours: the evaluation, with its trace, lower and compile; torch: one "
         "clean generate). peak MiB: the resident-set high-water mark above the resident set "
         "before a timed call")
@@ -514,32 +518,30 @@ def print_report(results: dict, parts: dict, meta: dict) -> None:
     print(header)
     print("-" * len(header))
     firsts = ", ".join(f"{k} {v}" for k, v in parts["first_edited"].items())
-    late = parts["late"]
+    groups = {}
+    for name, start in parts["starts"].items():
+      groups.setdefault(start, []).append(name)
     what = {"prepare": "ours: pixels, VQ encoder, tokenizer",
-            "generate none": "ours: the clean generate",
-            f"generate x{parts['conditions']}": (
-                f"ours: every knockout condition in one call, prompt shared up to position "
-                f"{parts['shared_prefix']} of {parts['prompt_length']} (first edited: {firsts})"),
-            f"generate x{len(late)} late": (
-                f"ours: only {', '.join(late)} in one call (not part of the evaluation), prompt "
-                f"shared up to position {parts['late_shared_prefix']}"),
+            "clean prompt": (f"ours: the clean prompt pass ({parts['prompt_length']} positions), "
+                             f"shared by every condition (first edited: {firsts})"),
+            f"decode x{parts['conditions']}": "ours: one decoding loop for every condition",
             "processor": "torch: the processor",
             "VQ encoder": "torch: get_image_tokens (inside every full generate)",
             "generate eoi": "torch: one full generate, [EOI] knockout",
             "prompt forward": "torch: its prompt pass alone (pixels to the last logits)"}
+    for start, members in groups.items():
+      what[f"suffix from {start}"] = f"ours: {', '.join(members)} from position {start}"
     for name, r in list(ours.items()) + list(theirs.items()):
       print(f"{name:<22}| {r['median_ms']:>9.1f} | {what[name]}")
-    per_condition = ours[f"generate x{parts['conditions']}"]["median_ms"] / (
-        parts["conditions"] * n)
-    print(f"per (condition, example): ours {per_condition:,.1f} ms in the conditions' generate, "
-          f"torch {theirs['generate eoi']['median_ms']:,.1f} ms per full generate")
+    served = groups.get(parts["prompt_length"])
+    if served:
+      print(f"{', '.join(served)}: served by the clean prompt pass (no pass of their own)")
   print_load_note(meta)
 
 
 def setting_calls(args, vlm, exp, examples, batch, torch_model, processor_call, config):
   """One setting's knockout sets on the torch side (checked against ours on `batch`), its two
   evaluations as calls for `measure`, and the dict their latest outputs go to."""
-  import numpy as np
   import torch
 
   import narrowgate_jax as ng
@@ -562,12 +564,11 @@ def setting_calls(args, vlm, exp, examples, batch, torch_model, processor_call, 
 
   def call_ours():
     batch = vlm.prepare(images=images, prompts=prompts, questions=questions)
-    clean = vlm.generate(batch, max_new_tokens=args.new_tokens, eos_id=None)
     conditions = ng.stack_conditions([exp._knockout(vlm, batch, name, examples)
-                                      for name in names[1:]])
+                                      for name in names])
     out = vlm.generate(batch, max_new_tokens=args.new_tokens, interventions=conditions,
                        eos_id=None)
-    last["ours"] = np.concatenate([clean.tokens[None], out.tokens])
+    last["ours"] = out.tokens
     return last["ours"]
 
   def call_torch():

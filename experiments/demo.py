@@ -92,6 +92,11 @@ def run_configs(organism: str, organism_dir: str, data: dict[str, str]) -> dict:
   windows.experiment_config.update(window=3, bootstrap=200)
   configs = {"knockout": knockout, "attention_flow": flow, "window_knockout": windows}
   gap = on_organism(ng_modality_gap.get_config("local"), organism_dir, data["caption"], 4)
+  # ADP sized for a few dozen points per layer (2 per example; the study's maxk=128 needs 65+
+  # examples): 8 neighbours, GRIDE to rank 8 at scale 1, density from 4. The world's images are
+  # shown as the organisms were trained on them (no 256 x 256 resize first).
+  gap.experiment_config.update(resize=0, maxk=8, gride_range_max=8, gride_scale=1,
+                               density_k=4)
   configs["modality_gap"] = gap
   if native:
     overlap = on_organism(ng_overlap.get_config("local"), organism_dir, data["vqa"])

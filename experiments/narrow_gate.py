@@ -138,6 +138,8 @@ class NgKnockoutEval(Experiment):
     layers = _layers(cfg.layers if layers is None else layers, vlm.num_layers)
     mode = cfg.get("mode", "post_softmax")
     roles = np.asarray(batch.roles)
+    if name == NONE:
+      return ng.no_knockout(batch, mode=mode)
     if name == "eoi":
       keys, queries = "eoi", "all"
     elif name == "image_to_text":  # image-start + image tokens, not EOI -> text and generated
@@ -169,12 +171,12 @@ class NgKnockoutEval(Experiment):
   def run_batch(self, vlm, batch, examples) -> list[dict]:
     cfg = self.config.experiment_config
     tokens = int(cfg.get("max_new_tokens", 20 if self.task == "vqa" else 60))
-    names = self.conditions(vlm)[1:]
-    texts = {NONE: vlm.generate(batch, max_new_tokens=tokens).texts}
-    if names:
-      conditions = ng.stack_conditions([self._knockout(vlm, batch, n, examples) for n in names])
-      out = vlm.generate(batch, max_new_tokens=tokens, interventions=conditions)
-      texts.update(zip(names, out.texts))
+    names = self.conditions(vlm)
+    # "none" rides in the same call as an empty knockout: it is served by the clean prompt pass
+    # that every condition's shared prefix comes from, and decodes in the same loop.
+    conditions = ng.stack_conditions([self._knockout(vlm, batch, n, examples) for n in names])
+    out = vlm.generate(batch, max_new_tokens=tokens, interventions=conditions)
+    texts = dict(zip(names, out.texts))
     records = []
     for condition, rows in texts.items():
       for b, example in enumerate(examples):
@@ -367,17 +369,55 @@ class NgModalityGap(Experiment):
   """Each example read twice (PROTOCOLS §2(a)): the image then its captions (one random text
   token, BOS excluded, is the text vector) and the captions then the image (one random image
   token is the image vector); every layer's output before the final norm, stored per example.
+  Images are resized to `resize` x `resize` first (the study's 256; 0 keeps them as they are).
   Metrics: quantiles of the cosine similarity of all image x text pairs per layer (signed or
-  absolute: `absolute`), and the ADP modality homogeneity where DADApy is installed."""
+  absolute: `absolute`), and the ADP modality homogeneity per layer (`analysis.adp`, settings
+  `maxk`, `gride_range_max`, `gride_scale`, `density_k`, `z`; it needs more than maxk points,
+  i.e. 2 x examples > maxk)."""
 
   name = "ng_modality_gap"
+  # The study's ADP settings (PROTOCOLS §2(a)), for configs that do not set them.
+  ADP = (("maxk", 128), ("gride_range_max", 128), ("gride_scale", 3), ("density_k", 16),
+         ("z", 1.65))
+
+  def __init__(self, config):
+    super().__init__(config)
+    limit = int(config.get("data", {}).get("limit", 0) or 0)
+    if limit:  # fail before the forward passes where the example count is known up front
+      self._check_points(limit, limit)
+
+  def _adp(self) -> dict:
+    cfg = self.config.experiment_config
+    return {name: type(default)(cfg.get(name, default)) for name, default in self.ADP}
+
+  def _check_points(self, images: int, texts: int) -> None:
+    maxk = self._adp()["maxk"]
+    if images + texts <= maxk:
+      raise ValueError(
+          f"ng_modality_gap: the ADP homogeneity clusters each layer's {images} image and "
+          f"{texts} text vectors ({images + texts} points) with maxk={maxk} neighbours, which "
+          f"needs more than {maxk} points: run on more than {maxk // 2} examples or lower "
+          "experiment_config.maxk (keeping gride_range_max and density_k ≤ maxk)")
 
   def conditions(self, vlm) -> list[str]:
     return ["vectors"]
 
+  def _images(self, example) -> list:
+    """The example's images as the model sees them: resized to `resize` x `resize` with PIL's
+    bilinear filter (torchvision's default, which the study's resize used), or unchanged."""
+    size = int(self.config.experiment_config.get("resize", 0))
+    if size <= 0:
+      return list(example.images)
+    from PIL import Image
+
+    from narrowgate_jax.processing.images import load_image
+
+    return [load_image(image, i).resize((size, size), Image.BILINEAR)
+            for i, image in enumerate(example.images)]
+
   def prepare(self, vlm, example, chat: bool = False):
     captions = " ".join(example.answers[:5])
-    return vlm.prepare(images=[list(example.images)] * 2,
+    return vlm.prepare(images=[self._images(example)] * 2,
                        prompts=["<image>" + captions, captions + " <image>"], chat=chat)
 
   def _positions(self, roles: np.ndarray, examples) -> np.ndarray:
@@ -410,13 +450,12 @@ class NgModalityGap(Experiment):
     out = {"records": len(records), "layers": image.shape[0],
            "cosine": {"q25": quantiles[:, 0].tolist(), "median": quantiles[:, 1].tolist(),
                       "q75": quantiles[:, 2].tolist()}}
-    try:
-      labels = np.r_[np.zeros(image.shape[1]), np.ones(text.shape[1])]
-      out["homogeneity"] = [float(modality_homogeneity(np.concatenate([i, t]), labels))
-                            for i, t in zip(image, text)]
-    except ImportError as e:  # DADApy pins old jax / numpy: optional (see analysis.modality_gap)
-      out["homogeneity"] = None
-      out["homogeneity_unavailable"] = str(e).splitlines()[0]
+    self._check_points(image.shape[1], text.shape[1])
+    adp = self._adp()
+    labels = np.r_[np.zeros(image.shape[1]), np.ones(text.shape[1])]
+    out["homogeneity"] = [float(modality_homogeneity(np.concatenate([i, t]), labels, **adp))
+                          for i, t in zip(image, text)]
+    out["adp"] = adp
     return out
 
   def figures(self, records, metrics, directory) -> list[str]:

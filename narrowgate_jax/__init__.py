@@ -10,7 +10,7 @@ from narrowgate_jax.capture import Capture, Output
 from narrowgate_jax.distributed import make_mesh
 from narrowgate_jax.generate import GenerateOutput
 from narrowgate_jax.interventions import (Conditions, Interventions, Knockout, Patch, knockout,
-                                          patch, stack_conditions, steer)
+                                          no_knockout, patch, stack_conditions, steer)
 from narrowgate_jax.model import VLM, load
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.processing.batch import Batch
@@ -18,6 +18,6 @@ from narrowgate_jax.processing.roles import Role
 
 __all__ = [
     "Batch", "Capture", "Conditions", "DecoderConfig", "GenerateOutput", "Interventions",
-    "Knockout", "Output",
-    "Patch", "Role", "VLM", "knockout", "load", "make_mesh", "patch", "stack_conditions", "steer",
+    "Knockout", "Output", "Patch", "Role", "VLM", "knockout", "load", "make_mesh", "no_knockout",
+    "patch", "stack_conditions", "steer",
 ]

@@ -4,7 +4,7 @@ One jitted program per (config, batch shape, max_new_tokens, intervention struct
 
   prefill   one pass over the left-padded prompt [B, T] (`Decoder.prefill`), every intervention
             applied as in `forward`; it returns the last position's logits and every layer's
-            keys and values [L, B, T, K, H], which are padded into a cache [L, B, S, K, H] with
+            keys and values [L, B, K, T, H], which are padded into a cache [L, B, K, S, H] with
             S = T + max_new_tokens slots.
   decode    a `jax.lax.while_loop` of `Decoder.decode` steps: step i embeds token i - 1, writes
             its keys and values at cache slot T + i - 1 and attends over the whole cache,
@@ -23,7 +23,11 @@ Interventions during decoding:
   * Patches and steering act at prompt positions during the prefill (so the cached keys and
     values carry their effect); a generated token never sits at a prompt position, so there is
     nothing for them to do while decoding.
-A `Conditions` value runs every condition in one call (vmapped); tokens gain a leading [C] axis.
+A `Conditions` value (`VLM.generate`): the clean prompt runs once, each condition recomputes only
+the positions from the first one it changes (`prompt_states`, one call per group of conditions
+that start at the same place), and one decoding loop serves every condition (`decode_conditions_fn`,
+the conditions vmapped, so a step reads the weights once for all of them); tokens gain a leading
+[C] axis.
 
 After an example emits an end-of-sequence id, its remaining tokens are `pad_id`, as transformers'
 greedy `generate` does. Image-token logits (Chameleon's `suppressed_logit_ids`) sit at the float32
@@ -79,50 +83,71 @@ def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Arra
   run = functools.partial(Decoder(config, dtype).apply, {"params": params})
   logits, kv = run(batch.input_ids, batch.positions, batch.attention_mask, interventions,
                    batch.features, batch.feature_mask, method=Decoder.prefill)
-  return _decode(run, batch, logits, kv, interventions, eos_ids, pad_id, max_new_tokens)
+  # One condition: a condition axis of 1 (after the layer axis of the keys and values).
+  kv = jax.tree.map(lambda x: x[:, None], kv)
+  stacked = jax.tree.map(lambda x: x[None], interventions)
+  return _decode(run, batch, logits[None], kv, stacked, eos_ids, pad_id, max_new_tokens)[0]
 
 
-def greedy_from_prefix(params, batch: Batch, stacked: Interventions, eos_ids: jax.Array,
-                       pad_id: jax.Array, *, start: int, config: DecoderConfig, dtype,
-                       max_new_tokens: int) -> jax.Array:
-  """`greedy` for every condition of `stacked`, sharing the clean prompt: one clean prefill, then
-  per condition only positions [start, T) recomputed (with its interventions, over the cached
-  clean prefix) before decoding. Exact when no condition changes a position before `start`
-  (`Interventions.first_edited_position`). Returns tokens [C, B, max_new_tokens]."""
+def prompt_states(params, batch: Batch, stacked: Interventions, clean_kv, *, start: int,
+                  config: DecoderConfig, dtype) -> tuple[jax.Array, tuple]:
+  """Every condition's prompt pass, as decoding starts from it: logits at the last position
+  [C, B, V] and the keys and values of every prompt position [L, C, B, K, T, H] (layers first,
+  as the decoding loop scans them).
+
+  start == 0: a whole prefill per condition (`clean_kv` unused, may be None). start > 0: the
+  clean prefix is shared: each condition recomputes only positions [start, T) over `clean_kv`
+  (the clean prefill's keys and values [L, B, K, T, H]), which is exact when no condition changes
+  a position before `start` (`Interventions.first_edited_position`): a position's computation
+  sees only earlier positions, so the prefix is the clean run's.
+  """
   run = functools.partial(Decoder(config, dtype).apply, {"params": params})
   real = batch.attention_mask
-  _, (keys, values) = run(batch.input_ids, batch.positions, real, Interventions(), batch.features,
-                          batch.feature_mask, method=Decoder.prefill)
+  if start == 0:
+    return jax.vmap(lambda iv: run(batch.input_ids, batch.positions, real, iv, batch.features,
+                                   batch.feature_mask, method=Decoder.prefill),
+                    out_axes=(0, 1))(stacked)
+  keys, values = clean_kv
   cut = lambda x: None if x is None else x[:, start:]  # noqa: E731
 
-  def one(interventions: Interventions) -> jax.Array:
+  def one(interventions: Interventions):
     logits, (k_new, v_new) = run(batch.input_ids[:, start:], batch.positions[:, start:], start,
                                  real, (keys, values), interventions.for_suffix(start),
                                  query_real=real[:, start:], features=cut(batch.features),
                                  feature_mask=cut(batch.feature_mask), last_only=True,
                                  method=Decoder.extend)
-    kv = (jax.lax.dynamic_update_slice_in_dim(keys, k_new.astype(keys.dtype), start, 2),
-          jax.lax.dynamic_update_slice_in_dim(values, v_new.astype(values.dtype), start, 2))
-    return _decode(run, batch, logits, kv, interventions, eos_ids, pad_id, max_new_tokens)
+    return logits, (jax.lax.dynamic_update_slice_in_dim(keys, k_new.astype(keys.dtype), start, 3),
+                    jax.lax.dynamic_update_slice_in_dim(values, v_new.astype(values.dtype), start,
+                                                        3))
 
-  return jax.vmap(one)(stacked)
+  return jax.vmap(one, out_axes=(0, 1))(stacked)
 
 
-def _decode(run, batch: Batch, logits: jax.Array, kv, interventions: Interventions,
+def _decode(run, batch: Batch, logits: jax.Array, kv, stacked: Interventions,
             eos_ids: jax.Array, pad_id: jax.Array, max_new_tokens: int) -> jax.Array:
-  """The decoding loop after a prompt pass: logits [B, V] at its last position, kv (keys,
-  values) [L, B, T, K, H] of every prompt position -> tokens [B, max_new_tokens]."""
+  """The decoding loop after the prompt passes of C conditions: logits [C, B, V] at the last
+  prompt position, kv (keys, values) [L, C, B, K, T, H] of every prompt position, `stacked`
+  each condition's interventions [C, ...] -> tokens [C, B, max_new_tokens].
+
+  One loop for all conditions: each step maps `Decoder.decode` over the condition axis, so the
+  weights are read once per step for every condition, and the loop's condition is one scalar
+  (a loop mapped over conditions would select its whole carry, caches included, every step).
+  """
   keys, values = kv
+  c = logits.shape[0]
   b, t = batch.input_ids.shape
   length = t + max_new_tokens
-  widen = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
-  cache = (jnp.pad(keys, widen), jnp.pad(values, widen))  # [L, B, S, K, H]
+  widen = ((0, 0), (0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0))
+  cache = (jnp.pad(keys, widen), jnp.pad(values, widen))  # [L, C, B, K, S, H]
   key_real = jnp.concatenate([batch.attention_mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
-  decode_iv = interventions.for_generated_query(length)
+  decode_iv = jax.vmap(lambda iv: iv.for_generated_query(length), axis_size=c)(stacked)
   last_position = batch.positions[:, -1]  # left padding: every example's last prompt token
 
-  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  def decode(token, position, slot, cache, interventions):  # one condition's step
+    return run(token, position, slot, key_real, cache, interventions, method=Decoder.decode)
+
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [C, B]
+  tokens = jnp.full((c, b, max_new_tokens), pad_id, jnp.int32).at[:, :, 0].set(first)
   done = jnp.isin(first, eos_ids)
 
   def unfinished(state):
@@ -133,12 +158,12 @@ def _decode(run, batch: Batch, logits: jax.Array, kv, interventions: Interventio
     """Token i from token i - 1, which goes into cache slot t + i - 1."""
     i, tokens, done, (cache_k, cache_v) = state
     slot = t + i - 1
-    logits, (k_new, v_new) = run(tokens[:, i - 1], last_position + i, slot, key_real,
-                                 (cache_k, cache_v), decode_iv, method=Decoder.decode)
-    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_new.astype(cache_k.dtype), slot, 2)
-    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_new.astype(cache_v.dtype), slot, 2)
+    logits, (k_new, v_new) = jax.vmap(decode, in_axes=(0, None, None, 1, 0), out_axes=(0, 1))(
+        tokens[:, :, i - 1], last_position + i, slot, (cache_k, cache_v), decode_iv)
+    cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k_new.astype(cache_k.dtype), slot, 4)
+    cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v_new.astype(cache_v.dtype), slot, 4)
     token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, :, None], i, axis=2)
     return i + 1, tokens, done | jnp.isin(token, eos_ids), (cache_k, cache_v)
 
   _, tokens, _, _ = jax.lax.while_loop(unfinished, step, (jnp.int32(1), tokens, done, cache))
@@ -153,21 +178,30 @@ def generate_fn(params, batch, interventions, eos_ids, pad_id, *, config, dtype,
                 max_new_tokens=max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens", "start"))
-def generate_from_prefix_fn(params, batch, stacked: Interventions, eos_ids, pad_id, *, start,
-                            config, dtype, max_new_tokens) -> jax.Array:
-  """The jitted `greedy_from_prefix` -> tokens [C, B, max_new_tokens]."""
-  return greedy_from_prefix(params, batch, stacked, eos_ids, pad_id, start=start, config=config,
-                            dtype=dtype, max_new_tokens=max_new_tokens)
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def prefill_fn(params, batch, interventions, *, config, dtype) -> tuple[jax.Array, tuple]:
+  """One prompt pass -> (logits at the last position [B, V], (keys, values) [L, B, K, T, H])."""
+  return Decoder(config, dtype).apply({"params": params}, batch.input_ids, batch.positions,
+                                      batch.attention_mask, interventions, batch.features,
+                                      batch.feature_mask, method=Decoder.prefill)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "start"))
+def prompt_states_fn(params, batch, stacked: Interventions, clean_kv, *, start, config,
+                     dtype) -> tuple[jax.Array, tuple]:
+  """The jitted `prompt_states` -> ([C, B, V], (keys, values) [L, C, B, K, T, H])."""
+  return prompt_states(params, batch, stacked, clean_kv, start=start, config=config, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "max_new_tokens"))
-def generate_conditions_fn(params, batch, stacked: Interventions, eos_ids, pad_id, *, config,
-                           dtype, max_new_tokens) -> jax.Array:
-  """`greedy` for every condition of a stacked Interventions -> tokens [C, B, max_new_tokens]."""
-  run = functools.partial(greedy, params, batch, eos_ids=eos_ids, pad_id=pad_id, config=config,
-                          dtype=dtype, max_new_tokens=max_new_tokens)
-  return jax.vmap(run)(stacked)
+def decode_conditions_fn(params, batch, logits, kv, stacked: Interventions, eos_ids, pad_id, *,
+                         config, dtype, max_new_tokens) -> jax.Array:
+  """One decoding loop for every condition at once (each over its own cache, under its own
+  knockouts): logits [C, B, V], kv [L, C, B, K, T, H] from `prompt_states` -> tokens
+  [C, B, max_new_tokens]. The conditions' steps run as one batch, so each step reads the
+  weights once for all of them."""
+  run = functools.partial(Decoder(config, dtype).apply, {"params": params})
+  return _decode(run, batch, logits, kv, stacked, eos_ids, pad_id, max_new_tokens)
 
 
 def decode_texts(tokenizer, tokens: np.ndarray, eos_ids: np.ndarray) -> list[str]:

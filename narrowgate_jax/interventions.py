@@ -259,6 +259,17 @@ def knockout(batch: Batch, keys: Selector, queries: Selector = "all",
                   generated_queries=np.array([bool(generated)]))
 
 
+def no_knockout(batch: Batch, mode: str = "pre_softmax") -> Knockout:
+  """A knockout that blocks nothing: the clean condition in a stack of knockouts
+  (`stack_conditions` needs one structure in every condition). `VLM.generate` serves it from
+  the clean prompt pass at no extra cost."""
+  if mode not in KNOCKOUT_MODES:
+    raise ValueError(f"knockout mode {mode!r}; expected one of {KNOCKOUT_MODES}")
+  nothing = np.zeros((1,) + tuple(np.shape(batch.roles)), bool)
+  return Knockout(layers=np.full((1, 1), NO_LAYER, np.int32), queries=nothing, keys=nothing,
+                  mode=mode, generated_queries=np.zeros(1, bool))
+
+
 def patch(batch: Batch, at: Selector, values, layers: Iterable[int], site: str = "resid_pre",
           add: bool = False) -> Patch:
   """Writes `values` at the positions `at` selects, in `layers`.
@@ -344,7 +355,8 @@ def stack_conditions(conditions: Sequence[InterventionLike]) -> Conditions:
   for i, iv in enumerate(items):
     if signature(iv) != signature(items[0]):
       raise ValueError(f"condition {i} has structure {signature(iv)}, condition 0 has "
-                       f"{signature(items[0])}; every condition needs the same kinds of intervention")
+                       f"{signature(items[0])}; every condition needs the same kinds of "
+                       "intervention")
   knockouts = [_pad_knockouts([iv.knockouts[j] for iv in items])
                for j in range(len(items[0].knockouts))]
   patches = [_pad_patches([iv.patches[j] for iv in items]) for j in range(len(items[0].patches))]

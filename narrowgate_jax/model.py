@@ -22,9 +22,9 @@ from narrowgate_jax import checkpoint
 from narrowgate_jax.capture import Capture, CapturePlan, Output
 from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, replicated,
                                         shard_batch)
-from narrowgate_jax.generate import (GenerateOutput, decode_texts, default_eos_id, eos_array,
-                                     eos_id_from_checkpoint, generate_conditions_fn, generate_fn,
-                                     generate_from_prefix_fn)
+from narrowgate_jax.generate import (GenerateOutput, decode_conditions_fn, decode_texts,
+                                     default_eos_id, eos_array, eos_id_from_checkpoint,
+                                     generate_fn, prefill_fn, prompt_states_fn)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
@@ -158,6 +158,14 @@ def _prefix_start(batch: Batch, conditions: Conditions, start: Optional[int] = N
     raise ValueError(f"start={start}: a condition edits position {first}, so the shared prefix "
                      f"must end at or before it")
   return int(start)
+
+
+def _generation_start(batch: Batch, condition: Conditions) -> int:
+  """Where a generation under `condition` starts to differ from the clean one: `_prefix_start`,
+  or T when the condition edits no prompt position (the clean prompt pass serves it)."""
+  if int(np.min(condition.stacked.first_edited_position())) >= batch.shape[1]:
+    return batch.shape[1]
+  return _prefix_start(batch, condition)
 
 
 class VLM:
@@ -350,28 +358,47 @@ class VLM:
     return _head_fn(self.params, jnp.asarray(h), config=self.config, dtype=self.dtype,
                     part="unembed")
 
-  def _generate_groups(self, batch: Batch, conditions: Conditions, share_prefix: bool, args,
-                       kwargs) -> jax.Array:
-    """Conditions grouped by where their shared prefix ends (an [EOI] knockout shares
-    everything before EOI, an all-image one almost nothing), one call per group, the tokens put
-    back in condition order -> [C, B, max_new_tokens]."""
+  def _generate_conditions(self, batch: Batch, conditions: Conditions, share_prefix: bool,
+                           args, kwargs) -> jax.Array:
+    """Every condition's prompt pass, then one decoding loop for all of them -> tokens
+    [C, B, max_new_tokens].
+
+    With `share_prefix`, the clean prompt runs once and conditions are grouped by where their
+    shared prefix ends (`_prefix_start`: an [EOI] knockout shares everything before EOI, an
+    all-image one almost nothing; a condition that edits nothing is the clean pass itself); each
+    group recomputes only its suffix, in one call per group.
+    """
+    t = batch.shape[1]
     starts = np.zeros(conditions.size, int)
     if share_prefix:
-      starts = np.asarray([_prefix_start(batch, _condition(conditions, c))
+      starts = np.asarray([_generation_start(batch, _condition(conditions, c))
                            for c in range(conditions.size)])
-    tokens = [None] * conditions.size
+    static = dict(config=self.config, dtype=self.dtype)
+    clean = None
+    if (starts > 0).any():
+      clean = prefill_fn(self.params, batch, Interventions(), **static)
+    order = np.argsort(starts, kind="stable")  # conditions grouped by start, in one array
+    logits, kv = [], []
     for start in np.unique(starts):
       members = np.flatnonzero(starts == start)
-      stacked = jax.tree.map(lambda x: np.asarray(x)[members], conditions.stacked)
-      stacked = self._replicate(stacked)
-      if start > 0:
-        out = generate_from_prefix_fn(self.params, batch, stacked, *args, start=int(start),
-                                      **kwargs)
-      else:
-        out = generate_conditions_fn(self.params, batch, stacked, *args, **kwargs)
-      for i, c in enumerate(members):
-        tokens[c] = out[i]
-    return jnp.stack(tokens)
+      if start == t:  # nothing edited: the clean pass
+        logits.append(jnp.broadcast_to(clean[0], (members.size,) + clean[0].shape))
+        kv.append(jax.tree.map(lambda x: jnp.repeat(x[:, None], members.size, axis=1), clean[1]))
+        continue
+      stacked = self._replicate(jax.tree.map(lambda x: np.asarray(x)[members],
+                                             conditions.stacked))
+      out = prompt_states_fn(self.params, batch, stacked, None if start == 0 else clean[1],
+                             start=int(start), **static)
+      logits.append(out[0])
+      kv.append(out[1])
+    def joined(parts, axis):  # the groups' conditions side by side (one group: no copy)
+      return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)
+
+    stacked = self._replicate(jax.tree.map(lambda x: np.asarray(x)[order], conditions.stacked))
+    tokens = decode_conditions_fn(self.params, batch, joined(logits, 0),
+                                  jax.tree.map(lambda *xs: joined(xs, 1), *kv), stacked, *args,
+                                  **kwargs)
+    return jnp.take(tokens, np.argsort(order), axis=0)  # back to condition order
 
   def _checked(self, interventions: InterventionLike | Conditions) -> Interventions | Conditions:
     """`Conditions` as they are, anything else as one `Interventions`; either checked against
@@ -404,10 +431,12 @@ class VLM:
       id, a list of ids, or None to always produce max_new_tokens tokens.
     pad_id: written after an example's end-of-sequence token (default: the tokenizer's pad id,
       else 0, as `prepare` pads).
-    share_prefix: with `Conditions`, run the prompt once up to the first position a condition
-      changes and recompute only the rest per condition (`generate.greedy_from_prefix`; equal to
-      full recomputation, tested); conditions that change the prompt at different places run as
-      separate groups. False recomputes every condition's whole prompt.
+    share_prefix: with `Conditions`, run the clean prompt once and recompute per condition only
+      the positions from the first one it changes (`generate.prompt_states`; equal to full
+      recomputation, tested); conditions that change the prompt at different places form
+      separate groups, and one that changes nothing (e.g. an empty knockout standing for "none")
+      costs no prompt pass of its own. Every condition then decodes in one shared loop. False
+      recomputes every condition's whole prompt.
     Returns GenerateOutput(tokens [B, max_new_tokens] int32, texts when there is a tokenizer);
     with `Conditions`, tokens [C, B, max_new_tokens] and texts [C][B].
     """
@@ -427,7 +456,7 @@ class VLM:
     args = (self._replicate(jnp.asarray(eos)), self._replicate(jnp.int32(pad_id)))
     interventions = self._checked(interventions)
     if isinstance(interventions, Conditions):
-      tokens = self._generate_groups(batch, interventions, share_prefix, args, kwargs)
+      tokens = self._generate_conditions(batch, interventions, share_prefix, args, kwargs)
     else:
       tokens = generate_fn(self.params, batch, self._replicate(interventions), *args, **kwargs)
     tokens = np.asarray(tokens)

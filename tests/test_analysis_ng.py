@@ -1,7 +1,7 @@
 """Analysis functions of the Narrow Gate (NG) study, each against a direct numpy reading of its
 definition (PROTOCOLS.md §2): image×text cosine quantiles (np.quantile on the full matrix), the
-ADP modality homogeneity (where DADApy is importable), the neighbourhood overlap (brute-force
-numpy kNN) and the patching metrics.
+neighbourhood overlap (brute-force numpy kNN) and the patching metrics. The ADP modality
+homogeneity is tested in test_adp.py (each step, and against DADApy itself).
 """
 
 from __future__ import annotations
@@ -127,56 +127,6 @@ def test_cosine_quantiles_errors(image_shape, text_shape, kwargs, message):
   with pytest.raises(ValueError, match=message):
     analysis.cosine_quantiles(np.ones(image_shape, np.float32), np.ones(text_shape, np.float32),
                               False, **kwargs)
-
-
-# -------------------------------------------------------------------------------- homogeneity
-
-
-def _dadapy_importable() -> bool:
-  try:
-    from dadapy import Data  # noqa: F401
-  except (ImportError, AttributeError):  # missing, or its binaries meet numpy 2
-    return False
-  return True
-
-
-needs_dadapy = pytest.mark.skipif(not _dadapy_importable(),
-                                  reason="DADApy not importable (needs numpy<2, jax 0.4.30)")
-
-
-def two_clouds(separation, n=200, d=8, seed=0):
-  """Gaussian clouds around separation·e0 and separation·e1 (apart in angle, so in cosine)."""
-  rng = np.random.default_rng(seed)
-  a = rng.normal(size=(n, d))
-  a[:, 0] += separation
-  b = rng.normal(size=(n, d))
-  b[:, 1] += separation
-  return np.concatenate([a, b]).astype(np.float32), np.repeat([1, 0], n)
-
-
-@needs_dadapy
-def test_modality_homogeneity_separated_clouds():
-  points, labels = two_clouds(8.0)
-  assert analysis.modality_homogeneity(points, labels) == pytest.approx(1.0)
-  assert len(set(analysis.adp_clusters(points).tolist())) == 2
-
-
-@needs_dadapy
-def test_modality_homogeneity_overlapping_clouds():
-  points, labels = two_clouds(0.0)
-  assert analysis.modality_homogeneity(points, labels) < 0.5
-
-
-def test_modality_homogeneity_without_dadapy_says_how(monkeypatch):
-  monkeypatch.setitem(__import__("sys").modules, "dadapy", None)  # import dadapy -> ImportError
-  points, labels = two_clouds(8.0)
-  with pytest.raises(ImportError, match="dadapy 0.3.4 pins jax==0.4.30"):
-    analysis.modality_homogeneity(points, labels)
-
-
-def test_modality_homogeneity_label_shape():
-  with pytest.raises(ValueError, match=r"labels must be \[N\]"):
-    analysis.modality_homogeneity(np.zeros((10, 3)), np.zeros(9))
 
 
 # ---------------------------------------------------------------------------------- overlap

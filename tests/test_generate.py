@@ -273,7 +273,7 @@ def test_cached_step_logits_equal_forward_logits(request, name, mode):
   iv = ng.Interventions(knockouts=(ko,))
   last, (k, v) = jax.jit(functools.partial(apply, method=Decoder.prefill))(
       batch.input_ids, batch.positions, batch.attention_mask, iv)
-  widen = ((0, 0), (0, 0), (0, NEW), (0, 0), (0, 0))
+  widen = ((0, 0), (0, 0), (0, 0), (0, NEW), (0, 0))  # [L, B, K, S, H]
   cache = (np.pad(k, widen), np.pad(v, widen))
   key_real = np.asarray(full.attention_mask)
   step = jax.jit(functools.partial(apply, method=Decoder.decode))
@@ -284,7 +284,7 @@ def test_cached_step_logits_equal_forward_logits(request, name, mode):
     logits, (k_new, v_new) = step(tokens[:, i - 1], full.positions[:, slot], slot, key_real,
                                   cache, decode_iv)
     cache = tuple(np.asarray(c).copy() for c in cache)
-    cache[0][:, :, slot:slot + 1], cache[1][:, :, slot:slot + 1] = k_new, v_new
+    cache[0][:, :, :, slot:slot + 1], cache[1][:, :, :, slot:slot + 1] = k_new, v_new
     ours.append(logits)
   ours = np.stack([np.asarray(x) for x in ours], axis=1)  # [B, NEW, V]
   theirs = expected[:, t - 1:t + NEW - 1]

@@ -153,16 +153,69 @@ def test_patching_every_layer_equals_a_separate_patched_forward(model_dir, fixtu
       np.testing.assert_allclose(shared[l], full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
-def test_modality_gap(model_dir, fixtures, tmp_path):
+def _modality_gap_config(model_dir, fixtures):
+  """The study's config on the 5 captioned test images: 10 points per layer, so ADP with 8
+  neighbours, GRIDE up to rank 8 at scale 1 (2nd vs 4th neighbour), density from 4."""
   config = _config("ng_modality_gap", "local", model_dir, path=fixtures["coco_karpathy"],
                    images=fixtures["coco_images"], first=0)
+  config.experiment_config.update(maxk=8, gride_range_max=8, gride_scale=1, density_k=4)
+  return config
+
+
+def test_modality_gap(model_dir, fixtures, tmp_path):
+  config = _modality_gap_config(model_dir, fixtures)
   metrics = loop.run(config, str(tmp_path / "w"), progress=False)
   cos = metrics["cosine"]
   assert len(cos["median"]) == 3
   assert all(0 <= lo <= mid <= hi <= 1 for lo, mid, hi in zip(cos["q25"], cos["median"],
                                                               cos["q75"]))
-  assert metrics["homogeneity"] is None or len(metrics["homogeneity"]) == 3
+  assert len(metrics["homogeneity"]) == 3 and all(0 <= h <= 1 for h in metrics["homogeneity"])
+  assert metrics["adp"] == dict(maxk=8, gride_range_max=8, gride_scale=1, density_k=4, z=1.65)
   assert os.path.exists(tmp_path / "w" / "figures" / "modality_gap.png")
+
+
+def test_modality_gap_needs_more_points_than_maxk(model_dir, fixtures, tmp_path):
+  """10 points per layer cannot have 128 neighbours: the error names the counts and the field,
+  before any forward pass where `data.limit` already says so."""
+  config = _modality_gap_config(model_dir, fixtures)
+  config.experiment_config.maxk = 10
+  with pytest.raises(ValueError, match=r"5 image and 5 text vectors \(10 points\) with "
+                                       r"maxk=10 .* experiment_config.maxk"):
+    loop.run(config, str(tmp_path / "w"), progress=False)
+  config.data.limit = 2
+  config.experiment_config.maxk = 128
+  import experiments.narrow_gate as NG
+
+  with pytest.raises(ValueError, match=r"\(4 points\) with maxk=128"):
+    NG.NgModalityGap(config)
+
+
+def test_modality_gap_resize_is_resizing_by_hand(model_dir, fixtures):
+  """`resize` changes what the model sees exactly as resizing the images by hand with PIL's
+  bilinear filter does (equal token ids, VQ image codes included); 0 keeps the originals."""
+  import narrowgate_jax as ng
+  from PIL import Image
+
+  import experiments.narrow_gate as NG
+  from narrowgate_jax.data import load_karpathy
+  from narrowgate_jax.processing.images import load_image
+
+  vlm = ng.load(model_dir)
+  example = load_karpathy(fixtures["coco_karpathy"], fixtures["coco_images"], split="test")[0]
+  captions = " ".join(example.answers[:5])
+  prompts = ["<image>" + captions, captions + " <image>"]
+  config = _modality_gap_config(model_dir, fixtures)
+
+  def prepared(resize):
+    config.experiment_config.resize = resize
+    return np.asarray(NG.NgModalityGap(config).prepare(vlm, example).input_ids)
+
+  by_hand = [load_image(image).resize((24, 24), Image.BILINEAR) for image in example.images]
+  resized = np.asarray(vlm.prepare(images=[by_hand] * 2, prompts=prompts).input_ids)
+  original = np.asarray(vlm.prepare(images=[list(example.images)] * 2, prompts=prompts).input_ids)
+  np.testing.assert_array_equal(prepared(24), resized)
+  np.testing.assert_array_equal(prepared(0), original)
+  assert not np.array_equal(resized, original)  # the resize changed the image codes
 
 
 def test_a_selector_matching_nothing_names_the_example(model_dir, fixtures, tmp_path):

@@ -398,13 +398,21 @@ def _knockouts(family):
 
 
 def test_knockout_generation_shares_the_prompt_prefix_exactly(family):
-  """Every condition generated from one clean prefill plus its own suffix equals generating it
-  with the whole prompt recomputed."""
-  conditions = ng.stack_conditions(_knockouts(family))
-  shared = family.vlm.generate(family.batch, max_new_tokens=6, interventions=conditions).tokens
-  full = family.vlm.generate(family.batch, max_new_tokens=6, interventions=conditions,
-                             share_prefix=False).tokens
+  """Every condition generated from one clean prefill plus its own suffix, all decoded in one
+  loop, equals generating it with the whole prompt recomputed, and equals generating it alone;
+  the empty knockout ("none", served by the clean prefill) equals the clean generation."""
+  vlm, batch = family.vlm, family.batch
+  knockouts = [ng.no_knockout(batch, mode="post_softmax")] + _knockouts(family)
+  conditions = ng.stack_conditions(knockouts)
+  shared = vlm.generate(batch, max_new_tokens=6, interventions=conditions, eos_id=None).tokens
+  full = vlm.generate(batch, max_new_tokens=6, interventions=conditions, share_prefix=False,
+                      eos_id=None).tokens
   np.testing.assert_array_equal(shared, full)
+  alone = [vlm.generate(batch, max_new_tokens=6, interventions=ko, eos_id=None).tokens
+           for ko in knockouts]
+  np.testing.assert_array_equal(shared, np.stack(alone))
+  np.testing.assert_array_equal(shared[0], vlm.generate(batch, max_new_tokens=6,
+                                                        eos_id=None).tokens)
 
 
 def test_eoi_knockout_generation_equals_transformers(family):

@@ -5,8 +5,9 @@ Two readings per layer of one image-token vector and one text-token vector per e
   cosine_quantiles      quantiles (25/50/75 % by default) of the cosine similarity of ALL
                         image×text pairs, signed or absolute (a config field: the study's first
                         version is signed, its later code takes |cos|)
-  modality_homogeneity  cluster image + text vectors with DADApy's Advanced Density Peaks and
-                        score the homogeneity of the clusters w.r.t. modality
+  modality_homogeneity  cluster image + text vectors with Advanced Density Peaks (the study's
+                        DADApy pipeline, `analysis.adp`) and score the homogeneity of the
+                        clusters w.r.t. modality
 
 Cosine quantiles are exact without ever holding the [N, M] matrix (10,000 × 10,000 per layer in
 the study): a two-pass radix select on device. Each float32 cosine maps to a uint32 key whose
@@ -23,10 +24,12 @@ themselves (float32 dot products of unit vectors, `Precision.HIGHEST`, ~1e-7 abs
 Cost per layer: two [N, D]×[D, M] matmuls (one per pass) and two scatter-adds over the N·M keys;
 memory: one [block, M] block plus two small histograms. Counts are int32, so N·M < 2^31.
 
-Homogeneity needs DADApy (https://github.com/sissa-data-science/DADApy), which is not a
-dependency of this package: dadapy 0.3.4 (the newest release) pins jax==0.4.30, flax==0.8.5 and
-numpy<2 and its compiled extensions do not load under numpy 2, so it cannot share an environment
-with this package. `modality_homogeneity` imports it lazily and says so when it is missing.
+Homogeneity runs `analysis.adp`, a port of the DADApy 0.3.4 pipeline the study called
+(https://github.com/sissa-data-science/DADApy; dadapy itself pins jax==0.4.30 and numpy<2, so it
+cannot share an environment with this package). The port reproduces DADApy 0.3.4: the same
+neighbours, intrinsic dimension and densities to float64 round-off and the same cluster labels
+(exact ties between duplicate points aside, see `analysis.adp`); tests/test_adp.py checks this
+against DADApy itself, run in an environment of its own.
 
 Axis legend: L layers · N image vectors · M text vectors · D model width · b rows of one block ·
   R order statistics being selected · Q quantiles
@@ -41,6 +44,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from narrowgate_jax.analysis.adp import advanced_density_peaks
 
 _HALF_BITS = 16
 _BINS = 1 << _HALF_BITS  # buckets per radix pass
@@ -236,63 +241,33 @@ def cosine_quantiles(image, text, absolute: bool,
 
 # -------------------------------------------------------------------------------- homogeneity
 
-_DADAPY_MISSING = (
-    "modality_homogeneity needs DADApy (Advanced Density Peaks), which is not installed or "
-    "cannot be imported here ({error}). It is not a dependency of narrowgate-jax: dadapy 0.3.4 "
-    "pins jax==0.4.30, flax==0.8.5 and numpy<2, so it needs an environment of its own (e.g. "
-    "`python -m venv adp && adp/bin/pip install dadapy==0.3.4 scikit-learn`); run the "
-    "homogeneity step there on the saved vectors ([N, D] per layer, numpy).")
-
-
-def _import_dadapy():
-  try:
-    from dadapy import Data  # optional dependency, see the module docstring
-  except (ImportError, AttributeError) as error:  # also: dadapy's binaries meeting numpy 2
-    raise ImportError(_DADAPY_MISSING.format(error=f"{type(error).__name__}: {error}")) from error
-  return Data
-
-
 def adp_clusters(points, *, metric: str = "cosine", maxk: int = 128,
                  gride_range_max: int = 128, gride_scale: int = 3, density_k: int = 16,
-                 z: float = 1.65, n_jobs: int | None = None) -> np.ndarray:
-  """Advanced Density Peaks cluster labels of points [N, D] -> [N] int (DADApy, float64).
+                 z: float = 1.65) -> np.ndarray:
+  """Advanced Density Peaks cluster labels of points [N, D] -> [N] int64 (float64 throughout).
 
   The study's pipeline (PROTOCOLS.md §2 (a); the public code's `homogeneity_score`), each step
-  a keyword argument with the study's value as default:
-    Data(points).compute_distances(metric=metric, maxk=maxk)  cosine distance, 128 neighbours
-    remove_zero_dists                            zero neighbour distances (duplicate points)
-                                                 -> machine epsilon, so the ID fit stays finite
-    return_id_scaling_gride(range_max=gride_range_max)[0][gride_scale]
-                                                 GRIDE intrinsic dimension; scale i compares the
-                                                 2^i-th and 2^(i+1)-th neighbour distances, the
-                                                 study takes i = 3 (8th vs 16th)
-    set_id; compute_density_kNN(k=density_k)     kNN log density with that ID, k = 16
-    compute_clustering_ADP(Z=z)                  merge density peaks at confidence Z = 1.65
-  Raises ImportError with instructions where DADApy is unavailable.
+  a keyword argument with the study's value as default, as DADApy 0.3.4 runs it (`analysis.adp`):
+    metric, maxk          cosine distance, 128 nearest neighbours (exact, float64)
+    remove zero distances duplicate points' zero distances -> machine epsilon
+    gride_range_max       GRIDE intrinsic dimension at neighbour ranks up to 128; scale i
+    gride_scale           compares the 2^i-th and 2^(i+1)-th neighbour distances, the study
+                          takes i = 3 (8th vs 16th)
+    density_k             kNN log density with that dimension, k = 16
+    z                     merge density peaks at confidence Z = 1.65
+  Raises ValueError for a metric other than cosine, N ≤ maxk points, points that are not [N, D],
+  NaN/inf or zero vectors, gride_range_max > maxk, a gride_scale beyond ⌊log2 gride_range_max⌋
+  scales, or density_k > maxk.
   """
-  data_cls = _import_dadapy()
-  points = np.asarray(points, np.float64)
-  if points.ndim != 2:
-    raise ValueError(f"adp_clusters expects points [N, D], got shape {points.shape}")
-  if points.shape[0] <= maxk:
-    raise ValueError(f"maxk={maxk} needs more than {maxk} points, got N={points.shape[0]}")
-  kwargs = {} if n_jobs is None else {"n_jobs": n_jobs}
-  data = data_cls(coordinates=points, verbose=False, **kwargs)
-  data.compute_distances(metric=metric, maxk=maxk)
-  data.distances = data.remove_zero_dists(data.distances)
-  ids, _, _ = data.return_id_scaling_gride(range_max=gride_range_max)
-  if not 0 <= gride_scale < len(ids):
-    raise ValueError(f"gride_scale={gride_scale} out of range: GRIDE with range_max="
-                     f"{gride_range_max} gives {len(ids)} scales")
-  data.set_id(float(ids[gride_scale]))
-  data.compute_density_kNN(k=density_k)
-  return np.asarray(data.compute_clustering_ADP(Z=z), np.int64)
+  if metric != "cosine":
+    raise ValueError(f"only the cosine metric (the study's) is implemented, got {metric!r}")
+  return advanced_density_peaks(points, maxk=maxk, gride_range_max=gride_range_max,
+                                gride_scale=gride_scale, density_k=density_k, z=z).labels
 
 
 def modality_homogeneity(points, labels, *, metric: str = "cosine", maxk: int = 128,
                          gride_range_max: int = 128, gride_scale: int = 3,
-                         density_k: int = 16, z: float = 1.65,
-                         n_jobs: int | None = None) -> float:
+                         density_k: int = 16, z: float = 1.65) -> float:
   """Homogeneity of ADP clusters w.r.t. modality: points [N, D], labels [N] -> float in [0, 1].
 
   Clusters with `adp_clusters` (same keyword arguments, the study's values as defaults), then
@@ -305,10 +280,9 @@ def modality_homogeneity(points, labels, *, metric: str = "cosine", maxk: int = 
     raise ValueError(f"labels must be [N] for points [N, D]; got labels {labels.shape}, "
                      f"points {np.shape(points)}")
   clusters = adp_clusters(points, metric=metric, maxk=maxk, gride_range_max=gride_range_max,
-                          gride_scale=gride_scale, density_k=density_k, z=z, n_jobs=n_jobs)
+                          gride_scale=gride_scale, density_k=density_k, z=z)
   # Imported on use: sklearn costs ~1 s to import and only this host-side score needs it.
   from sklearn.metrics import homogeneity_completeness_v_measure
 
   homogeneity, _, _ = homogeneity_completeness_v_measure(labels, clusters)
   return float(homogeneity)
-

@@ -30,7 +30,7 @@ import numpy as np
 
 from narrowgate_jax.capture import CapturePlan
 from narrowgate_jax.interventions import Interventions
-from narrowgate_jax.models.attention import attend, visibility
+from narrowgate_jax.models.attention import attend, attend_step, visibility
 from narrowgate_jax.models.config import DecoderConfig
 from narrowgate_jax.models.layers import GatedMLP, HeadLayerNorm, RMSNorm, apply_rope, rope_tables
 
@@ -39,9 +39,10 @@ from narrowgate_jax.models.layers import GatedMLP, HeadLayerNorm, RMSNorm, apply
 class LayerInputs:
   """What every layer reads besides the residual stream (broadcast over the layer scan).
 
-  A full pass has queries and keys at the same T positions. A decoding step has T = 1 query at
-  cache slot `cache_index` and S = the cache length of keys (every slot, filled or not: the
-  mask hides the empty ones).
+  A full pass has queries and keys at the same T positions. A suffix pass (`prefix` set) has
+  T queries at slots prefix .. prefix + T - 1 over the cached keys of the slots before them. A
+  decoding step has T = 1 query at cache slot `cache_index` and S = the cache length of keys
+  (every slot, filled or not: the mask hides the empty ones).
   """
 
   cos: jax.Array  # [B, T, H]
@@ -54,6 +55,7 @@ class LayerInputs:
   plan: CapturePlan
   cache_index: Optional[jax.Array] = None  # scalar int32: cache slot of the new keys (decoding)
   keep_kv: bool = flax.struct.field(pytree_node=False, default=False)  # emit this pass's K/V
+  prefix: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # suffix passes
 
 
 class Attention(nn.Module):
@@ -68,9 +70,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer, inputs: LayerInputs, cache=None):
-    """cache: this layer's (keys, values) [B, S, K, H] when decoding, else None.
+    """cache: this layer's (keys, values) [B, K, S, H] in a suffix pass or decoding, else None.
 
-    Returns (out [B, T, D], probabilities [B, N, T, S] or None, (keys, values) [B, T, K, H] of
+    Returns (out [B, T, D], probabilities [B, N, T, S] or None, (keys, values) [B, K, T, H] of
     the T positions of x, after RoPE: what a KV cache stores, and with `value_norms` the norm
     of each key's contribution through each head ||W_O^h v_s^h|| [B, N, S], else None).
     """
@@ -86,13 +88,14 @@ class Attention(nn.Module):
     q = apply_rope(q, inputs.cos, inputs.sin)
     k = apply_rope(k, inputs.cos, inputs.sin)
 
+    value_rows = v  # [B, T, K, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H], the cache's layout
     new_kv = (k, v)
-    if cache is not None:  # write the new keys into (a copy of) the cache slice, attend over all
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype),
-                                              inputs.cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype),
-                                              inputs.cache_index, axis=1)
-    key_index = jnp.arange(k.shape[1])
+    stepping = cache is not None and inputs.prefix is None
+    if cache is not None and not stepping:  # a suffix: its keys follow the cached prefix's
+      k = jnp.concatenate([cache[0][:, :, :inputs.prefix].astype(k.dtype), k], axis=2)
+      v = jnp.concatenate([cache[1][:, :, :inputs.prefix].astype(v.dtype), v], axis=2)
+    key_index = jnp.arange(cache[0].shape[2] if stepping else k.shape[2])
     visible = visibility(inputs.query_index, key_index, inputs.key_real, inputs.windows[layer],
                          inputs.query_real)
     post_block = None
@@ -102,14 +105,19 @@ class Attention(nn.Module):
         visible = visible & ~blocked
       else:
         post_block = blocked if post_block is None else post_block | blocked
-    out, probs = attend(q, k, v, visible, scale=c.head_dim**-0.5, post_softmax_block=post_block,
-                        need_probabilities=self.need_probabilities)
+    if stepping:  # the cache does not hold this step's slot yet: its own key comes apart
+      visible = visible & (key_index < inputs.cache_index)
+      out, probs = attend_step(q, k, v, cache, visible, scale=c.head_dim**-0.5,
+                               post_softmax_block=post_block), None
+    else:
+      out, probs = attend(q, k, v, visible, scale=c.head_dim**-0.5, post_softmax_block=post_block,
+                          need_probabilities=self.need_probabilities)
     o = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.out_bias, dtype=x.dtype,
                         param_dtype=jnp.float32, name="o")
     out = o(out)
     norms = None
     if self.value_norms:
-      norms = _value_output_norms(v, o.variables["params"]["kernel"], c.num_heads)
+      norms = _value_output_norms(value_rows, o.variables["params"]["kernel"], c.num_heads)
     return out, probs, new_kv, norms
 
 
@@ -127,7 +135,7 @@ def _value_output_norms(v: jax.Array, o_kernel: jax.Array, num_heads: int) -> ja
 class DecoderLayer(nn.Module):
   """One block; the scan carry is (residual [B, T, D], attention buffer or None).
 
-  Scanned over `xs` = (layer index, this layer's KV cache (keys, values) [B, S, K, H] or None).
+  Scanned over `xs` = (layer index, this layer's KV cache (keys, values) [B, K, S, H] or None).
   """
 
   config: DecoderConfig
@@ -259,7 +267,8 @@ class Decoder(nn.Module):
               features: Optional[jax.Array] = None, feature_mask: Optional[jax.Array] = None):
     """The prompt pass of generation (left-padded: the last position is every example's last).
 
-    Returns (logits at the last position [B, V] float32, (keys, values) [L, B, T, K, H]).
+    Returns (logits at the last position [B, V] float32, (keys, values) [L, B, K, T, H]: the KV
+    cache's heads-major layout).
     """
     _, x_out, _, emitted = self._prompt_pass(input_ids, positions, attention_mask, interventions,
                                              CapturePlan(), features, feature_mask, keep_kv=True)
@@ -270,30 +279,44 @@ class Decoder(nn.Module):
     """One decoding step: a new token at cache slot `cache_index` for every example.
 
     token_ids, positions: [B] int (rotary position of the new token); cache_index: scalar int;
-    key_real: [B, S] bool (False at the prompt's padding); cache: (keys, values) [L, B, S, K, H]
+    key_real: [B, S] bool (False at the prompt's padding); cache: (keys, values) [L, B, K, S, H]
     holding slots < cache_index; interventions: in the form `Interventions.for_generated_query`
     gives (knockout queries [R, B, 1], keys [R, B, S]; no patches).
-    Returns (logits [B, V] float32, the new token's (keys, values) [L, B, 1, K, H]); the caller
-    writes these into its cache.
+    Returns (logits [B, V] float32, the new token's (keys, values) [L, B, K, 1, H]); the caller
+    writes these into its cache. The step attends to the cache where it lies
+    (`attention.attend_step`), so no layer copies its cache to insert one key.
     """
-    logits, kv = self.extend(token_ids[:, None], positions[:, None], cache_index, key_real, cache,
-                             interventions)
+    logits, kv = self._cached_pass(token_ids[:, None], positions[:, None], cache_index, key_real,
+                                   cache, interventions, prefix=None)
     return logits[:, 0], kv
 
-  def extend(self, input_ids, positions, start, key_real, cache, interventions: Interventions,
-             query_real: Optional[jax.Array] = None, features: Optional[jax.Array] = None,
-             feature_mask: Optional[jax.Array] = None, last_only: bool = False):
-    """U new positions at cache slots start .. start + U - 1, over a cache holding slots < start.
+  def extend(self, input_ids, positions, start: int, key_real, cache,
+             interventions: Interventions, query_real: Optional[jax.Array] = None,
+             features: Optional[jax.Array] = None, feature_mask: Optional[jax.Array] = None,
+             last_only: bool = False):
+    """A prompt's suffix, positions start .. T - 1, recomputed over its cached prefix (the shared
+    prefix of a sweep: `narrowgate_jax.model.forward_suffix_fn`, `generate.prompt_states`).
 
-    Decoding (U = 1) and recomputing a prompt's suffix over its cached clean prefix (the shared
-    prefix of a sweep: `narrowgate_jax.model.forward_suffix_fn`) are both this.
-    input_ids, positions: [B, U]; start: scalar int; key_real: [B, S] bool; cache: (keys,
-    values) [L, B, S, K, H]; interventions: as the new queries see them (`for_suffix`,
-    `for_generated_query`); query_real: [B, U] bool or None (None: every new position is real);
-    features, feature_mask: [B, U, D], [B, U] for non-native image embeddings.
+    input_ids, positions: [B, U] with U = T - start; start: a Python int (the prefix length is
+    part of the compiled shape); key_real: [B, T] bool; cache: (keys, values) [L, B, K, S, H]
+    holding at least slots < start (S >= start; later slots are not read); interventions: as the
+    new queries see them (`for_suffix`); query_real: [B, U] bool or None (None: every new
+    position is real); features, feature_mask: [B, U, D], [B, U] for non-native image embeddings.
     Returns (logits [B, U, V] float32, or [B, V] at the last position when last_only; the new
-    positions' (keys, values) [L, B, U, K, H]).
+    positions' (keys, values) [L, B, K, U, H]).
     """
+    logits, kv = self._cached_pass(input_ids, positions, start, key_real, cache, interventions,
+                                   query_real, features, feature_mask, prefix=int(start),
+                                   last_only=last_only)
+    return (logits[:, 0] if last_only else logits), kv
+
+  def _cached_pass(self, input_ids, positions, start, key_real, cache, interventions,
+                   query_real=None, features=None, feature_mask=None, *,
+                   prefix: Optional[int], last_only: bool = False):
+    """U new positions at cache slots start .. start + U - 1 over a cache of earlier slots:
+    a suffix (`prefix` = start, static) or a decoding step (`prefix` None, start traced).
+    Returns (logits [B, U, V] float32, or [B, 1, V] of the last position when last_only; the new
+    positions' (keys, values) [L, B, K, U, H])."""
     c = self.config
     x = self._embed(input_ids, features, feature_mask)
     cos, sin = rope_tables(positions, c)
@@ -302,13 +325,12 @@ class Decoder(nn.Module):
                          key_real=key_real, query_real=query_real,
                          windows=jnp.asarray(c.layer_windows, jnp.int32),
                          interventions=interventions, plan=CapturePlan(), cache_index=start,
-                         keep_kv=True)
+                         keep_kv=True, prefix=prefix)
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     (x_out, _), emitted = self.layers((x, None), (layer_ids, cache), inputs)
     if last_only:
       x_out = x_out[:, -1:]
-    logits = self.unembed(self.final_norm(x_out))
-    return (logits[:, 0] if last_only else logits), emitted["kv"]
+    return self.unembed(self.final_norm(x_out)), emitted["kv"]
 
   def unembed(self, h):
     """h [B, T, D] (after the final norm) -> logits [B, T, V] float32."""
