@@ -16,6 +16,7 @@ ng_overlap (Fig. 4): the last layers' residuals at probe positions (EOI, the las
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Sequence
 
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 
 import narrowgate_jax as ng
-from narrowgate_jax.analysis import category_sums, flow_shares
+from narrowgate_jax.analysis import category_sums, flow_shares, modality_homogeneity
 from narrowgate_jax.evaluation.cider import cider_d
 from narrowgate_jax.evaluation.vqa import extract_answer, vqa_accuracy
 from narrowgate_jax.processing.prompts import continuation_token
@@ -376,9 +377,7 @@ class NgModalityGap(Experiment):
   i.e. 2 x examples > maxk)."""
 
   name = "ng_modality_gap"
-  # The study's ADP settings (PROTOCOLS §2(a)), for configs that do not set them.
-  ADP = (("maxk", 128), ("gride_range_max", 128), ("gride_scale", 3), ("density_k", 16),
-         ("z", 1.65))
+  ADP = ("maxk", "gride_range_max", "gride_scale", "density_k", "z")  # config fields
 
   def __init__(self, config):
     super().__init__(config)
@@ -388,7 +387,10 @@ class NgModalityGap(Experiment):
 
   def _adp(self) -> dict:
     cfg = self.config.experiment_config
-    return {name: type(default)(cfg.get(name, default)) for name, default in self.ADP}
+    # Unset fields take `modality_homogeneity`'s defaults: the study's values (PROTOCOLS §2(a)).
+    defaults = inspect.signature(modality_homogeneity).parameters
+    return {name: type(defaults[name].default)(cfg.get(name, defaults[name].default))
+            for name in self.ADP}
 
   def _check_points(self, images: int, texts: int) -> None:
     maxk = self._adp()["maxk"]
@@ -441,7 +443,7 @@ class NgModalityGap(Experiment):
             for i, ex in enumerate(examples)]
 
   def metrics(self, records: Sequence[dict]) -> dict:
-    from narrowgate_jax.analysis import cosine_quantiles, modality_homogeneity
+    from narrowgate_jax.analysis import cosine_quantiles
 
     cfg = self.config.experiment_config
     image = self.arrays(records, "image").astype(np.float32).transpose(1, 0, 2)  # [L, N, D]

@@ -74,6 +74,27 @@ def eos_array(eos_id: EosIds) -> np.ndarray:
   return ids
 
 
+def prompt_pass(run, batch: Batch, interventions: Interventions) -> tuple[jax.Array, tuple]:
+  """`Decoder.prefill` over the whole prompt (`run`: the bound `Decoder.apply`) -> (logits at
+  the last position [B, V], (keys, values) [L, B, K, T, H])."""
+  return run(batch.input_ids, batch.positions, batch.attention_mask, interventions,
+             batch.features, batch.feature_mask, method=Decoder.prefill)
+
+
+def suffix_pass(run, batch: Batch, kv, interventions: Interventions, start: int,
+                last_only: bool = True) -> tuple[jax.Array, tuple]:
+  """`Decoder.extend` over positions [start, T) of the prompt, attending to the cached prefix in
+  `kv` (keys, values) [L, B, K, T, H], under `interventions` as the whole prompt sees them ->
+  (logits [B, V], or [B, T - start, V] without last_only; the suffix's (keys, values)
+  [L, B, K, T - start, H])."""
+  real = batch.attention_mask
+  cut = lambda x: None if x is None else x[:, start:]  # noqa: E731
+  return run(batch.input_ids[:, start:], batch.positions[:, start:], start, real, kv,
+             interventions.for_suffix(start), query_real=real[:, start:],
+             features=cut(batch.features), feature_mask=cut(batch.feature_mask),
+             last_only=last_only, method=Decoder.extend)
+
+
 def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Array,
            pad_id: jax.Array, *, config: DecoderConfig, dtype, max_new_tokens: int) -> jax.Array:
   """Greedy tokens [B, max_new_tokens] int32 (traceable; `generate_fn` is its jitted form).
@@ -81,8 +102,7 @@ def greedy(params, batch: Batch, interventions: Interventions, eos_ids: jax.Arra
   eos_ids: [E] int32 end-of-sequence ids (-1 for none); pad_id: scalar int32.
   """
   run = functools.partial(Decoder(config, dtype).apply, {"params": params})
-  logits, kv = run(batch.input_ids, batch.positions, batch.attention_mask, interventions,
-                   batch.features, batch.feature_mask, method=Decoder.prefill)
+  logits, kv = prompt_pass(run, batch, interventions)
   # One condition: a condition axis of 1 (after the layer axis of the keys and values).
   kv = jax.tree.map(lambda x: x[:, None], kv)
   stacked = jax.tree.map(lambda x: x[None], interventions)
@@ -102,20 +122,12 @@ def prompt_states(params, batch: Batch, stacked: Interventions, clean_kv, *, sta
   sees only earlier positions, so the prefix is the clean run's.
   """
   run = functools.partial(Decoder(config, dtype).apply, {"params": params})
-  real = batch.attention_mask
   if start == 0:
-    return jax.vmap(lambda iv: run(batch.input_ids, batch.positions, real, iv, batch.features,
-                                   batch.feature_mask, method=Decoder.prefill),
-                    out_axes=(0, 1))(stacked)
+    return jax.vmap(lambda iv: prompt_pass(run, batch, iv), out_axes=(0, 1))(stacked)
   keys, values = clean_kv
-  cut = lambda x: None if x is None else x[:, start:]  # noqa: E731
 
   def one(interventions: Interventions):
-    logits, (k_new, v_new) = run(batch.input_ids[:, start:], batch.positions[:, start:], start,
-                                 real, (keys, values), interventions.for_suffix(start),
-                                 query_real=real[:, start:], features=cut(batch.features),
-                                 feature_mask=cut(batch.feature_mask), last_only=True,
-                                 method=Decoder.extend)
+    logits, (k_new, v_new) = suffix_pass(run, batch, clean_kv, interventions, start)
     return logits, (jax.lax.dynamic_update_slice_in_dim(keys, k_new.astype(keys.dtype), start, 3),
                     jax.lax.dynamic_update_slice_in_dim(values, v_new.astype(values.dtype), start,
                                                         3))
@@ -181,9 +193,8 @@ def generate_fn(params, batch, interventions, eos_ids, pad_id, *, config, dtype,
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def prefill_fn(params, batch, interventions, *, config, dtype) -> tuple[jax.Array, tuple]:
   """One prompt pass -> (logits at the last position [B, V], (keys, values) [L, B, K, T, H])."""
-  return Decoder(config, dtype).apply({"params": params}, batch.input_ids, batch.positions,
-                                      batch.attention_mask, interventions, batch.features,
-                                      batch.feature_mask, method=Decoder.prefill)
+  return prompt_pass(functools.partial(Decoder(config, dtype).apply, {"params": params}), batch,
+                     interventions)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "start"))

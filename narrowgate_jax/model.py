@@ -24,7 +24,8 @@ from narrowgate_jax.distributed import (DATA, batch_sharding, param_shardings, r
                                         shard_batch)
 from narrowgate_jax.generate import (GenerateOutput, decode_conditions_fn, decode_texts,
                                      default_eos_id, eos_array, eos_id_from_checkpoint,
-                                     generate_fn, prefill_fn, prompt_states_fn)
+                                     generate_fn, prefill_fn, prompt_pass, prompt_states_fn,
+                                     suffix_pass)
 from narrowgate_jax.interventions import (Conditions, InterventionLike, Interventions, Knockout,
                                           as_interventions, knockout)
 from narrowgate_jax.models.config import DecoderConfig
@@ -110,19 +111,8 @@ def forward_suffix_fn(params, batch, stacked: Interventions, *, start, config, d
   [C, B, T - start, V]).
   """
   run = functools.partial(Decoder(config, dtype).apply, {"params": params})
-  real = batch.attention_mask
-  clean, kv = run(batch.input_ids, batch.positions, real, Interventions(), batch.features,
-                  batch.feature_mask, method=Decoder.prefill)
-  cut = lambda x: None if x is None else x[:, start:]  # noqa: E731
-
-  def one(interventions: Interventions) -> jax.Array:
-    logits, _ = run(batch.input_ids[:, start:], batch.positions[:, start:], start, real, kv,
-                    interventions.for_suffix(start), query_real=real[:, start:],
-                    features=cut(batch.features), feature_mask=cut(batch.feature_mask),
-                    last_only=last_only, method=Decoder.extend)
-    return logits
-
-  logits = jax.vmap(one)(stacked)
+  clean, kv = prompt_pass(run, batch, Interventions())
+  logits = jax.vmap(lambda iv: suffix_pass(run, batch, kv, iv, start, last_only)[0])(stacked)
   if mesh is not None:
     clean = jax.lax.with_sharding_constraint(clean, batch_sharding(mesh, 2, 0))
     logits = jax.lax.with_sharding_constraint(logits, batch_sharding(mesh, logits.ndim, 1))
